@@ -1,0 +1,300 @@
+"""Docker Engine API shapes: validation of request bodies and rendering of state.
+
+Pure functions (no aiohttp), so that the same validation serves the API, the CLI's tests and
+the fuzz tests. Field names follow the Engine API that docker 28 speaks (SWARM-INTERNALS §2);
+errors name the field at fault.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import string
+from typing import Any
+
+from swarmnet.raft.state import CommandError, check_name, service_network_ids, service_replicas
+
+ENGINE_VERSION = "28.5.2-swarmnet"
+API_VERSION = "1.51"
+API_MIN_VERSION = "1.24"
+_B36 = string.digits + string.ascii_lowercase
+
+
+def new_id() -> str:
+    """25 characters of base36, like swarmkit's identity.NewID()."""
+    return "".join(secrets.choice(_B36) for _ in range(25))
+
+
+def bad(field: str, message: str, status: int = 400) -> CommandError:
+    return CommandError(status, field, message)
+
+
+def _obj(body: Any, field: str) -> dict:
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise bad(field, f"{field} must be a JSON object")
+    return body
+
+
+def _str_map(value: Any, field: str) -> dict[str, str]:
+    value = _obj(value, field)
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise bad(field, f"{field} must map strings to strings")
+    return dict(value)
+
+
+# ---- networks -----------------------------------------------------------------------
+
+
+def parse_network_create(body: Any) -> dict:
+    body = _obj(body, "body")
+    name = check_name(body.get("Name"))
+    driver = body.get("Driver") or "overlay"
+    if driver != "overlay":
+        raise bad("Driver", f"driver {driver!r} is not supported: swarmnet networks are overlay")
+    subnet = None
+    ipam = _obj(body.get("IPAM"), "IPAM")
+    configs = ipam.get("Config") or []
+    if not isinstance(configs, list):
+        raise bad("IPAM.Config", "IPAM.Config must be a list")
+    if len(configs) > 1:
+        raise bad("IPAM.Config", "only one IPv4 subnet per network is supported")
+    if configs:
+        cfg = _obj(configs[0], "IPAM.Config[0]")
+        subnet = cfg.get("Subnet")
+        if subnet is not None and not isinstance(subnet, str):
+            raise bad("IPAM.Config[0].Subnet", "Subnet must be a string like 10.1.2.0/24")
+        if subnet:
+            try:
+                net = ipaddress.ip_network(subnet, strict=False)
+            except ValueError:
+                raise bad("IPAM.Config[0].Subnet", f"invalid subnet {subnet!r}") from None
+            if net.version != 4:
+                raise bad("IPAM.Config[0].Subnet", "only IPv4 subnets are supported")
+    options = _str_map(body.get("Options"), "Options")
+    if "encrypted" in options:
+        raise bad(
+            "Options.encrypted",
+            "encrypted overlays need IPsec ESP, which is not implemented yet (issue 7); "
+            "refusing rather than sending cleartext",
+        )
+    if body.get("EnableIPv6"):
+        raise bad("EnableIPv6", "IPv6 overlays are not supported")
+    return {
+        "name": name,
+        "driver": "overlay",
+        "subnet": subnet or None,
+        "attachable": bool(body.get("Attachable")),
+        "options": options,
+        "labels": _str_map(body.get("Labels"), "Labels"),
+    }
+
+
+def render_network(n: dict) -> dict:
+    return {
+        "Name": n["name"],
+        "Id": n["id"],
+        "Created": n["created"],
+        "Scope": "swarm",
+        "Driver": "overlay",
+        "EnableIPv4": True,
+        "EnableIPv6": False,
+        "IPAM": {
+            "Driver": "default",
+            "Options": None,
+            "Config": [{"Subnet": n["subnet"], "Gateway": n["gateway"]}],
+        },
+        "Internal": False,
+        "Attachable": n["attachable"],
+        "Ingress": n["ingress"],
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": False,
+        "Containers": {},
+        "Options": {
+            "com.docker.network.driver.overlay.vxlanid_list": str(n["vni"]),
+            **n["options"],
+        },
+        "Labels": n["labels"],
+    }
+
+
+# ---- services -----------------------------------------------------------------------
+
+
+def parse_service_spec(body: Any, resolve_network) -> dict:
+    """Validate a ServiceSpec; ``resolve_network(name_or_id) -> id | None``."""
+    body = _obj(body, "body")
+    name = check_name(body.get("Name"))
+    tt = _obj(body.get("TaskTemplate"), "TaskTemplate")
+    cs = _obj(tt.get("ContainerSpec"), "TaskTemplate.ContainerSpec")
+    image = cs.get("Image")
+    args = cs.get("Args") or []
+    command = cs.get("Command") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise bad("TaskTemplate.ContainerSpec.Args", "Args must be a list of strings")
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        raise bad("TaskTemplate.ContainerSpec.Command", "Command must be a list of strings")
+    if not isinstance(image, str) or not image.strip():
+        raise bad(
+            "TaskTemplate.ContainerSpec.Image",
+            "a command to run is required (Image is the program, Args the rest of the command line)",
+        )
+    env = cs.get("Env") or []
+    if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
+        raise bad("TaskTemplate.ContainerSpec.Env", "Env must be a list of NAME=value strings")
+    mode = _obj(body.get("Mode"), "Mode")
+    if "Global" in mode:
+        raise bad("Mode.Global", "global services are not supported yet")
+    rep = _obj(mode.get("Replicated"), "Mode.Replicated")
+    replicas = rep.get("Replicas", 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise bad("Mode.Replicated.Replicas", f"replicas must be a whole number >= 0, not {replicas!r}")
+    if replicas > 10000:
+        raise bad("Mode.Replicated.Replicas", "replicas must be at most 10000")
+    networks = tt.get("Networks") if "Networks" in tt else body.get("Networks")
+    networks = networks or []
+    if not isinstance(networks, list):
+        raise bad("TaskTemplate.Networks", "Networks must be a list")
+    targets: list[dict] = []
+    for i, n in enumerate(networks):
+        n = _obj(n, f"TaskTemplate.Networks[{i}]")
+        target = n.get("Target")
+        if not isinstance(target, str) or not target:
+            raise bad(f"TaskTemplate.Networks[{i}].Target", "Target is required")
+        nid = resolve_network(target)
+        if nid is None:
+            raise bad(f"TaskTemplate.Networks[{i}].Target", f"network {target} not found", 404)
+        if any(t["Target"] == nid for t in targets):
+            raise bad(f"TaskTemplate.Networks[{i}].Target", f"network {target} is listed twice")
+        targets.append({"Target": nid, "Aliases": list(n.get("Aliases") or [])})
+    ep = _obj(body.get("EndpointSpec"), "EndpointSpec")
+    ep_mode = ep.get("Mode") or "vip"
+    if ep_mode not in ("vip", "dnsrr"):
+        raise bad("EndpointSpec.Mode", f"endpoint mode must be vip or dnsrr, not {ep_mode!r}")
+    if ep.get("Ports"):
+        raise bad("EndpointSpec.Ports", "published ports are not implemented yet (issue 6)")
+    return {
+        "Name": name,
+        "Labels": _str_map(body.get("Labels"), "Labels"),
+        "TaskTemplate": {
+            "ContainerSpec": {"Image": image, "Args": args, "Command": command, "Env": env},
+            "Networks": targets,
+            "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 0},
+            "ForceUpdate": int(tt.get("ForceUpdate") or 0),
+        },
+        "Mode": {"Replicated": {"Replicas": replicas}},
+        "EndpointSpec": {"Mode": ep_mode},
+    }
+
+
+def service_argv(spec: dict) -> list[str]:
+    cs = spec["TaskTemplate"]["ContainerSpec"]
+    return list(cs.get("Command") or []) + [cs["Image"]] + list(cs.get("Args") or [])
+
+
+def render_service(s: dict, tasks: list[dict]) -> dict:
+    running = sum(1 for t in tasks if t["status"]["state"] == "running" and t["desired_state"] == "running")
+    return {
+        "ID": s["id"],
+        "Version": {"Index": s["version"]},
+        "CreatedAt": s["created"],
+        "UpdatedAt": s["updated"],
+        "Spec": s["spec"],
+        "Endpoint": {"Spec": s["spec"].get("EndpointSpec", {"Mode": "vip"})},
+        "ServiceStatus": {
+            "RunningTasks": running,
+            "DesiredTasks": service_replicas(s["spec"]),
+            "CompletedTasks": 0,
+        },
+    }
+
+
+_STATE_MAP = {"assigned": "assigned", "starting": "starting", "running": "running"}
+
+
+def render_task(t: dict, node: dict | None, networks: dict[str, dict]) -> dict:
+    return {
+        "ID": t["id"],
+        "Version": {"Index": t["version"]},
+        "CreatedAt": t["created"],
+        "UpdatedAt": t["status"]["ts"],
+        "Name": f"{t['service_name']}.{t['slot']}",
+        "ServiceID": t["service_id"],
+        "Slot": t["slot"],
+        "NodeID": t["node_id"],
+        "Status": {
+            "Timestamp": t["status"]["ts"],
+            "State": t["status"]["state"],
+            "Message": t["status"]["state"],
+            "Err": t["status"]["err"],
+            "ContainerStatus": {"PID": t.get("pid", 0)},
+        },
+        "DesiredState": t["desired_state"],
+        "NetworksAttachments": [
+            {
+                "Network": {
+                    "ID": a["network_id"],
+                    "Spec": {"Name": networks.get(a["network_id"], {}).get("name", "")},
+                },
+                "Addresses": [a["address"]],
+            }
+            for a in t["networks"]
+        ],
+        "Spec": {"ContainerSpec": {}},
+    }
+
+
+def render_node(n: dict, leader_id: str | None, reachable: bool = True) -> dict:
+    out = {
+        "ID": n["id"],
+        "Version": {"Index": n["version"]},
+        "CreatedAt": n["created"],
+        "UpdatedAt": n["updated"],
+        "Spec": {"Role": n["role"], "Availability": n["availability"], "Labels": {}},
+        "Description": {
+            "Hostname": n["hostname"],
+            "Platform": {"Architecture": "x86_64", "OS": "linux"},
+            "Engine": {"EngineVersion": ENGINE_VERSION},
+            "TLSInfo": {},
+        },
+        "Status": {"State": n["state"], "Addr": n["addr"]},
+    }
+    if n["role"] == "manager":
+        out["ManagerStatus"] = {
+            "Leader": n["id"] == leader_id,
+            "Reachability": "reachable" if reachable else "unreachable",
+            "Addr": f"{n['addr']}:2377",
+        }
+    return out
+
+
+def join_token(digest: str, secret: str) -> str:
+    return f"SWMTKN-1-{digest}-{secret}"
+
+
+def split_token(token: Any) -> tuple[str, str]:
+    if not isinstance(token, str) or not token.startswith("SWMTKN-1-"):
+        raise bad("JoinToken", "invalid join token: it must look like SWMTKN-1-<digest>-<secret>")
+    parts = token.split("-")
+    if len(parts) != 4 or not parts[2] or not parts[3]:
+        raise bad("JoinToken", "invalid join token: it must look like SWMTKN-1-<digest>-<secret>")
+    return parts[2], parts[3]
+
+
+def random_b36(n: int) -> str:
+    return "".join(secrets.choice(_B36) for _ in range(n))
+
+
+__all__ = [
+    "API_VERSION",
+    "parse_network_create",
+    "parse_service_spec",
+    "render_network",
+    "render_node",
+    "render_service",
+    "render_task",
+    "service_argv",
+    "service_network_ids",
+]

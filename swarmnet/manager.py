@@ -1,0 +1,366 @@
+"""The manager role: the Raft store, the node channel on 2377, and the leader's loops.
+
+Node channel (workers <-> managers), HTTP on the manager's advertise address, port 2377:
+- ``POST /cluster/join``        {token, hostname, addr} -> {node_id, secret, cluster_id, managers}
+- ``GET  /cluster/assignments`` ?index=N, long poll: the node's tasks, their networks and
+  the endpoints of those networks (this slice's stand-in for gossip, issue 5)
+- ``POST /cluster/status``      {statuses: [{id, state, err, pid}]}
+Nodes authenticate with the per-node secret issued at join (``Authorization: Bearer
+<node_id>.<secret>``); the manager stores only its SHA-256. Mutual TLS replaces this in
+issue 4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from swarmnet.api.docker import join_token, new_id, random_b36, split_token
+from swarmnet.orchestrator import scheduler
+from swarmnet.raft.state import TASK_TERMINAL, ClusterState, service_network_ids
+from swarmnet.raft.store import RaftConfig, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+CONTROL_PORT = 2377
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    assignment_poll_s: float = 15.0  # long-poll hold time; also the worker's heartbeat period bound
+    node_down_after_s: float = 10.0  # no poll for this long -> node Down (Docker: ~13 s measured)
+    leader_loop_s: float = 1.0  # periodic pass even without changes (heartbeats, retries)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def assignment_for(state: ClusterState, node_id: str) -> dict:
+    """Everything one node needs to run its tasks and program its overlays."""
+    node = state.nodes.get(node_id)
+    tasks = [t for t in state.tasks.values() if t["node_id"] == node_id]
+    net_ids = {a["network_id"] for t in tasks for a in t["networks"]}
+    networks = {
+        nid: {k: state.networks[nid][k] for k in ("id", "name", "vni", "subnet")}
+        for nid in net_ids
+        if nid in state.networks
+    }
+    endpoints = []
+    for t in state.tasks.values():
+        if t["desired_state"] != "running" or t["status"]["state"] in TASK_TERMINAL:
+            continue
+        tnode = state.nodes.get(t["node_id"])
+        if tnode is None or tnode["state"] != "ready":
+            continue
+        for a in t["networks"]:
+            if a["network_id"] in networks:
+                endpoints.append(
+                    {
+                        "network_id": a["network_id"],
+                        "task_id": t["id"],
+                        "address": a["address"],
+                        "vtep": tnode["addr"],
+                        "node_id": tnode["id"],
+                    }
+                )
+    out_tasks = []
+    for t in tasks:
+        svc = state.services.get(t["service_id"])
+        out_tasks.append(
+            {
+                "id": t["id"],
+                "name": f"{t['service_name']}.{t['slot']}",
+                "service_id": t["service_id"],
+                "service_name": t["service_name"],
+                "slot": t["slot"],
+                "desired_state": t["desired_state"] if svc is not None else "remove",
+                "networks": t["networks"],
+                "spec": svc["spec"] if svc is not None else None,
+            }
+        )
+    return {
+        "index": state.index,
+        "node": None if node is None else {"id": node["id"], "state": node["state"], "role": node["role"]},
+        "tasks": out_tasks,
+        "networks": networks,
+        "endpoints": endpoints,
+    }
+
+
+class Manager:
+    def __init__(
+        self,
+        node_id: str,
+        hostname: str,
+        addr: str,
+        data_dir: Path,
+        config: ManagerConfig | None = None,
+        raft: RaftConfig | None = None,
+    ):
+        self.node_id = node_id
+        self.hostname = hostname
+        self.addr = addr
+        self.data_dir = data_dir
+        self.config = config or ManagerConfig()
+        self.raft_config = raft or RaftConfig()
+        self.store: Store | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._last_seen: dict[str, float] = {}
+        self._leader_since: float | None = None
+        self._kick = asyncio.Event()
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self, password: str, partners: list[str]) -> None:
+        self.store = Store(
+            f"{self.addr}:{self.raft_config.raft_port}",
+            partners,
+            self.data_dir / "raft",
+            password,
+            self.raft_config,
+        )
+        self.store.on_change(self._kick.set)
+        await self.store.wait_leader()
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/cluster/join", self._h_join)
+        app.router.add_get("/cluster/assignments", self._h_assignments)
+        app.router.add_post("/cluster/status", self._h_status)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.addr, CONTROL_PORT, reuse_address=True)
+        await site.start()
+        self._tasks.append(asyncio.create_task(self._leader_loop(), name="leader-loop"))
+
+    async def init_cluster(self, secret: str, pools: list[str] | None, subnet_size: int | None) -> dict:
+        """Commit the cluster record with this node as its first manager."""
+        assert self.store is not None
+        cmd = {
+            "op": "init",
+            "cluster_id": random_b36(25),
+            "tokens": {"worker": random_b36(25), "manager": random_b36(25)},
+            "digest": random_b36(50),
+            "pools": pools,
+            "subnet_size": subnet_size,
+            "now": now_iso(),
+            "node": {
+                "node_id": self.node_id,
+                "hostname": self.hostname,
+                "addr": self.addr,
+                "role": "manager",
+                "secret_hash": hash_secret(secret),
+            },
+        }
+        return await self.store.submit(cmd)
+
+    def kick(self) -> None:
+        """Run the leader's pass now (after a write that changes what should run)."""
+        self._kick.set()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.store is not None:
+            self.store.close()
+
+    # ---- reads for the API ----------------------------------------------------------
+
+    def tokens(self) -> dict[str, str]:
+        assert self.store is not None
+
+        def get(state: ClusterState) -> dict[str, str]:
+            c = state.cluster
+            if c is None:
+                return {}
+            return {role: join_token(c["digest"], s) for role, s in c["tokens"].items()}
+
+        return self.store.read(get)
+
+    def leader_node_id(self) -> str | None:
+        # Single-manager slice: the leader is the manager whose Raft address leads.
+        assert self.store is not None
+        leader = self.store.leader()
+        if leader is None:
+            return None
+        host = leader.rsplit(":", 1)[0]
+
+        def find(state: ClusterState) -> str | None:
+            for n in state.nodes.values():
+                if n["role"] == "manager" and n["addr"] == host:
+                    return n["id"]
+            return None
+
+        return self.store.read(find)
+
+    # ---- node channel ---------------------------------------------------------------
+
+    def _auth(self, request: web.Request) -> str:
+        assert self.store is not None
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or "." not in header:
+            raise web.HTTPUnauthorized(text="missing node credentials")
+        node_id, _, secret = header[7:].partition(".")
+        want = self.store.read(lambda s: (s.nodes.get(node_id) or {}).get("secret_hash"))
+        if want is None or not hmac.compare_digest(want, hash_secret(secret)):
+            raise web.HTTPUnauthorized(text="unknown node or bad credentials")
+        return node_id
+
+    async def _h_join(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        try:
+            body = await request.json()
+            digest, secret = split_token(body.get("token"))
+        except Exception:
+            return web.json_response({"message": "invalid join token"}, status=400)
+        cluster = self.store.read(lambda s: s.cluster and dict(s.cluster, tokens=dict(s.cluster["tokens"])))
+        if cluster is None:
+            return web.json_response({"message": "this manager has no swarm"}, status=503)
+        role = None
+        if hmac.compare_digest(digest, cluster["digest"]):
+            for r, s in cluster["tokens"].items():
+                if hmac.compare_digest(secret, s):
+                    role = r
+        if role is None:
+            log.warning("join refused from %s: wrong token", request.remote)
+            return web.json_response(
+                {"message": "invalid join token: it does not match this swarm's tokens"}, status=403
+            )
+        if role == "manager":
+            return web.json_response(
+                {"message": "joining as a manager is not supported yet (issue 4): use the worker token"},
+                status=501,
+            )
+        hostname = str(body.get("hostname") or "")[:64]
+        addr = str(body.get("addr") or request.remote or "")
+        node_id = new_id()
+        node_secret = secrets.token_urlsafe(32)
+        try:
+            result = await self.store.submit(
+                {
+                    "op": "add_node",
+                    "node_id": node_id,
+                    "hostname": hostname,
+                    "addr": addr,
+                    "role": role,
+                    "secret_hash": hash_secret(node_secret),
+                    "now": now_iso(),
+                }
+            )
+        except StoreError as e:
+            return web.json_response({"message": e.message}, status=e.status)
+        if "error" in result:
+            return web.json_response({"message": result["error"]["message"]}, status=result["error"]["status"])
+        self._last_seen[node_id] = time.monotonic()
+        return web.json_response(
+            {
+                "node_id": node_id,
+                "secret": node_secret,
+                "role": role,
+                "cluster_id": cluster["id"],
+                "managers": [f"{self.addr}:{CONTROL_PORT}"],
+            }
+        )
+
+    async def _h_assignments(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        node_id = self._auth(request)
+        self._seen(node_id)
+        try:
+            since = int(request.query.get("index", "-1"))
+        except ValueError:
+            since = -1
+        deadline = time.monotonic() + self.config.assignment_poll_s
+        while self.store.index <= since and time.monotonic() < deadline:
+            await self.store.wait_change(max(0.0, deadline - time.monotonic()))
+            self._seen(node_id)
+        self._seen(node_id)
+        return web.json_response(self.store.read(lambda s: assignment_for(s, node_id)))
+
+    async def _h_status(self, request: web.Request) -> web.Response:
+        assert self.store is not None
+        node_id = self._auth(request)
+        self._seen(node_id)
+        body = await request.json()
+        statuses = [
+            {k: st[k] for k in ("id", "state", "err", "pid") if k in st}
+            for st in body.get("statuses", [])
+            if isinstance(st, dict) and isinstance(st.get("id"), str) and isinstance(st.get("state"), str)
+        ]
+        if statuses:
+            try:
+                await self.store.submit(
+                    {"op": "task_status", "node_id": node_id, "statuses": statuses, "now": now_iso()}
+                )
+            except StoreError as e:
+                return web.json_response({"message": e.message}, status=e.status)
+        return web.json_response({"ok": True})
+
+    def _seen(self, node_id: str) -> None:
+        first = node_id not in self._last_seen
+        self._last_seen[node_id] = time.monotonic()
+        if first or self.store.read(lambda s: (s.nodes.get(node_id) or {}).get("state")) == "down":
+            self._kick.set()
+
+    # ---- leader duties --------------------------------------------------------------
+
+    async def _leader_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.config.leader_loop_s)
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            if not self.store.is_leader():
+                self._leader_since = None
+                continue
+            if self._leader_since is None:
+                self._leader_since = time.monotonic()
+            try:
+                await self._leader_pass()
+            except StoreError as e:
+                log.warning("leader pass: %s", e.message)
+            except Exception:
+                log.exception("leader pass failed")
+                await asyncio.sleep(0.5)
+
+    async def _leader_pass(self) -> None:
+        assert self.store is not None
+        mono = time.monotonic()
+        nodes = self.store.read(lambda s: [(n["id"], n["state"]) for n in s.nodes.values()])
+        for nid, state in nodes:
+            seen = self._last_seen.get(nid)
+            if seen is None:
+                # A new leader gives every node a full window before declaring it down.
+                self._last_seen[nid] = seen = self._leader_since or mono
+            alive = mono - seen < self.config.node_down_after_s
+            if state == "ready" and not alive:
+                log.warning("node %s missed heartbeats: marking it down", nid)
+                await self.store.submit({"op": "node_state", "node_id": nid, "state": "down", "now": now_iso()})
+            elif state == "down" and alive:
+                await self.store.submit({"op": "node_state", "node_id": nid, "state": "ready", "now": now_iso()})
+        cmds = self.store.read(lambda s: scheduler.plan(s, new_id, now_iso()))
+        for cmd in cmds:
+            result = await self.store.submit(cmd)
+            if "error" in result:
+                log.warning("scheduler command %s refused: %s", cmd["op"], result["error"]["message"])
+
+
+__all__ = ["Manager", "ManagerConfig", "assignment_for", "service_network_ids"]

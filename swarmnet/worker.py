@@ -1,0 +1,279 @@
+"""The worker role (every node): follow the manager's assignments, run the tasks, program
+the overlays, report task states.
+
+Level-triggered: each new assignment (or a periodic resync) recomputes the node's whole
+desired state and reconciles the kernel and the task processes against it. Nothing is
+programmed before the first assignment has arrived, so an agent restarted with tasks
+running adopts them and leaves their kernel objects untouched (the reconciler finds them
+already as desired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from swarmnet.api.docker import service_argv
+from swarmnet.kernel.types import Kernel
+from swarmnet.overlay.plan import (
+    LocalAttachment,
+    NodeOverlay,
+    OverlayNetwork,
+    RemoteEndpoint,
+    sandbox_name,
+)
+from swarmnet.overlay.reconciler import OverlayReconciler
+from swarmnet.runtime.supervisor import Supervisor, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    resync_s: float = 30.0  # full reconcile even without news: repairs what someone else broke
+    retry_min_s: float = 0.2  # manager unreachable: back off from here...
+    retry_max_s: float = 5.0  # ...up to here, with jitter
+    status_flush_s: float = 0.05  # coalesce task state reports into one request
+    request_timeout_s: float = 30.0  # > the manager's long-poll hold time
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        secret: str,
+        managers: list[str],
+        vtep: str,
+        data_dir: Path,
+        netns_prefix: str,
+        kernel: Kernel,
+        config: WorkerConfig | None = None,
+    ):
+        self.node_id = node_id
+        self._secret = secret
+        self.managers = list(managers)
+        self.vtep = vtep
+        self.netns_prefix = netns_prefix
+        self.kernel = kernel
+        self.config = config or WorkerConfig()
+        self.reconciler = OverlayReconciler(kernel)
+        self.supervisor = Supervisor(data_dir / "tasks", self._on_status)
+        self.assignment: dict | None = None
+        self._pending: dict[str, dict] = {}
+        self._flush_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._kernel_lock = asyncio.Lock()
+        self._underlay_mtu: int | None = None
+        self._stopping: set[str] = set()
+        self.reconcile_errors = 0
+        # Every kernel call runs on this one thread: pyroute2's sync sockets keep per-thread
+        # state and run their own (non-uvloop) event loop, which cannot live on the agent's
+        # uvloop thread; one thread also serialises kernel programming.
+        self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s),
+            headers={"Authorization": f"Bearer {self.node_id}.{self._secret}"},
+        )
+        await self.supervisor.start()
+        self._tasks.append(asyncio.create_task(self._follow(), name="worker-follow"))
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="worker-status"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.close()  # leaves task processes running for the next agent
+        if self._session is not None:
+            await self._session.close()
+        self._kx.shutdown(wait=True)
+
+    # ---- talking to the manager -----------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"http://{self.managers[0]}{path}"
+
+    async def _follow(self) -> None:
+        index = -1
+        delay = self.config.retry_min_s
+        while True:
+            try:
+                assert self._session is not None
+                async with self._session.get(
+                    self._url("/cluster/assignments"), params={"index": str(index)}
+                ) as resp:
+                    if resp.status == 401:
+                        log.error("the manager does not know this node (removed?); retrying")
+                        raise ConnectionError("unauthorized")
+                    resp.raise_for_status()
+                    assignment = await resp.json()
+                delay = self.config.retry_min_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("assignments from %s: %s", self.managers[0], e)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.config.retry_max_s)
+                continue
+            index = assignment["index"]
+            self.assignment = assignment
+            try:
+                await self.sync()
+            except Exception:
+                self.reconcile_errors += 1
+                log.exception("sync failed; retrying on the next assignment")
+                await asyncio.sleep(delay)
+
+    def _on_status(self, task_id: str, state: str, err: str, pid: int | None) -> None:
+        st = {"id": task_id, "state": state, "err": err or ""}
+        if pid:
+            st["pid"] = pid
+        self._pending[task_id] = st
+        self._flush_wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_wake.wait()
+            await asyncio.sleep(self.config.status_flush_s)
+            self._flush_wake.clear()
+            batch, self._pending = list(self._pending.values()), {}
+            if not batch:
+                continue
+            try:
+                assert self._session is not None
+                async with self._session.post(
+                    self._url("/cluster/status"), json={"statuses": batch}
+                ) as resp:
+                    resp.raise_for_status()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("status report failed (%s); will retry", e)
+                for st in batch:
+                    self._pending.setdefault(st["id"], st)
+                await asyncio.sleep(self.config.retry_min_s)
+                self._flush_wake.set()
+
+    # ---- reconciling ----------------------------------------------------------------
+
+    def local_tasks(self) -> list[dict]:
+        """Tasks of this node with their sandbox and pid (for ``swarmnet exec``)."""
+        out = []
+        for t in (self.assignment or {}).get("tasks", []):
+            out.append(
+                {
+                    "id": t["id"],
+                    "name": t["name"],
+                    "netns": sandbox_name(self.netns_prefix, t["id"]),
+                    "pid": self.supervisor.pid(t["id"]),
+                    "desired_state": t["desired_state"],
+                }
+            )
+        return out
+
+    async def sync(self) -> None:
+        """One level-triggered pass: stop what must stop, program the kernel, start tasks."""
+        assignment = self.assignment
+        if assignment is None:
+            return
+        async with self._kernel_lock:
+            running = [t for t in assignment["tasks"] if t["desired_state"] == "running" and t["spec"]]
+            wanted = {t["id"] for t in running}
+            # 1. Stop processes first, so that their sandboxes can go afterwards.
+            for t in assignment["tasks"]:
+                if t["id"] not in wanted:
+                    if t["id"] not in self._stopping:
+                        self._stopping.add(t["id"])
+                        await self.supervisor.stop(t["id"])
+                    self._on_status(t["id"], "shutdown", "", None)
+            for task_id in list(self.supervisor.tasks()):
+                if task_id not in wanted:
+                    await self.supervisor.stop(task_id)
+            # 2. The kernel: sandboxes, bridges, VXLAN, veths, FDB and neighbours.
+            loop = asyncio.get_running_loop()
+            mtu = await loop.run_in_executor(self._kx, self._underlay)
+            node = self._node_overlay(assignment, running, mtu)
+            ops = await loop.run_in_executor(self._kx, self.reconciler.reconcile, node)
+            if ops:
+                log.info("overlay: applied %d kernel ops", len(ops))
+            # 3. Processes.
+            for t in running:
+                self.supervisor.ensure(self._task_spec(t))
+
+    def _underlay(self) -> int:
+        if self._underlay_mtu is None:
+            state = self.kernel.snapshot(None)
+            mtu = 1500
+            for a in state.addrs:
+                if a.cidr.split("/")[0] == self.vtep and a.dev in state.links:
+                    mtu = state.links[a.dev].mtu
+            self._underlay_mtu = mtu
+        return self._underlay_mtu
+
+    def _node_overlay(self, assignment: dict, running: list[dict], mtu: int) -> NodeOverlay:
+        nets = assignment["networks"]
+        attachments = []
+        for t in running:
+            for i, a in enumerate(t["networks"]):
+                if a["network_id"] in nets:
+                    attachments.append(
+                        LocalAttachment(
+                            task_id=t["id"],
+                            network_id=a["network_id"],
+                            address=a["address"],
+                            netns=sandbox_name(self.netns_prefix, t["id"]),
+                            ifname=f"eth{i}",
+                        )
+                    )
+        remotes = tuple(
+            RemoteEndpoint(network_id=e["network_id"], ip=e["address"].split("/")[0], vtep=e["vtep"])
+            for e in assignment["endpoints"]
+            if e["vtep"] != self.vtep
+        )
+        return NodeOverlay(
+            vtep=self.vtep,
+            underlay_mtu=mtu,
+            networks=tuple(
+                OverlayNetwork(id=n["id"], name=n["name"], vni=n["vni"], subnet=n["subnet"])
+                for n in sorted(nets.values(), key=lambda n: n["vni"])
+            ),
+            sandboxes=tuple(sorted(sandbox_name(self.netns_prefix, t["id"]) for t in running)),
+            attachments=tuple(attachments),
+            remotes=remotes,
+            netns_prefix=self.netns_prefix,
+        )
+
+    def _task_spec(self, t: dict) -> TaskSpec:
+        spec = t["spec"]
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        for item in spec["TaskTemplate"]["ContainerSpec"].get("Env") or []:
+            k, _, v = item.partition("=")
+            env[k] = v
+        env.update(
+            {
+                "SWARMNET_SERVICE_NAME": t["service_name"],
+                "SWARMNET_TASK_NAME": t["name"],
+                "SWARMNET_TASK_ID": t["id"],
+                "SWARMNET_NODE_ID": self.node_id,
+            }
+        )
+        hosts = tuple((a["address"].split("/")[0], t["name"]) for a in t["networks"][:1])
+        return TaskSpec(
+            task_id=t["id"],
+            name=t["name"],
+            netns=sandbox_name(self.netns_prefix, t["id"]),
+            argv=tuple(service_argv(spec)),
+            env=tuple(sorted(env.items())),
+            hosts=hosts,
+        )
