@@ -296,7 +296,24 @@ class Agent:
         }
 
 
+_fork_hook_registered = False
+
+
+def _forget_loop_signals() -> None:
+    """In a child forked from the agent (pyroute2 forks helpers to enter namespaces): drop
+    the event loop's signal wake-up fd and handlers. Otherwise a SIGTERM that pyroute2 sends
+    its own helper is written by the helper's inherited C handler into the socket shared
+    with the agent's loop, and the agent shuts down as if it had been sent SIGTERM itself."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 async def run_agent(opts: AgentOptions, kernel: Kernel | None = None) -> None:
+    global _fork_hook_registered
+    if not _fork_hook_registered:  # process-wide and irrevocable: once per process
+        os.register_at_fork(after_in_child=_forget_loop_signals)
+        _fork_hook_registered = True
     if kernel is None:
         from swarmnet.kernel.netlink import NetlinkKernel
 

@@ -36,6 +36,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from . import nsutil
 from .errors import KernelError
 from .types import (
     Addr,
@@ -239,7 +240,11 @@ class NetlinkKernel:
         if ipr is None:
             with _errors(op):
                 # flags=0: never let pyroute2 create a namespace we did not ask for.
-                ipr = IPRoute() if real is None else IPRoute(netns=real, flags=0)
+                if real is None:
+                    ipr = IPRoute()
+                else:
+                    with nsutil.in_netns(real):  # no fork: see nsutil
+                        ipr = IPRoute()
             self._ipr[real] = ipr
         return ipr
 
@@ -251,9 +256,8 @@ class NetlinkKernel:
                 if real is None:
                     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
                 else:
-                    sock = pr_netns.create_socket(
-                        real, socket.AF_NETLINK, socket.SOCK_RAW, 0, flags=0
-                    )
+                    with nsutil.in_netns(real):
+                        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
                 for force, plain, size in (
                     (SO_SNDBUFFORCE, socket.SO_SNDBUF, SNDBUF_BYTES),
                     (SO_RCVBUFFORCE, socket.SO_RCVBUF, RCVBUF_BYTES),
@@ -418,7 +422,8 @@ class NetlinkKernel:
             raise KernelError(errno.EINVAL, op, "invalid netns name")
         if self._exists(op.name):
             raise KernelError(errno.EEXIST, op, "netns exists")
-        pr_netns.create(op.name)
+        with _errors(op):
+            nsutil.create(op.name)
 
     def _op_NetnsDel(self, op: NetnsDel) -> None:
         ipr = self._iproute(op.name, op)
@@ -433,7 +438,8 @@ class NetlinkKernel:
                     if e.code != errno.ENODEV:  # already gone with its veth peer
                         raise
         self._close_ns(op.name)
-        pr_netns.remove(op.name)
+        with _errors(op):
+            nsutil.remove(op.name)
 
     def _op_BridgeAdd(self, op: BridgeAdd) -> None:
         self._iproute(op.netns, op).link("add", ifname=op.name, kind="bridge", mtu=op.mtu)
