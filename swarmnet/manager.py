@@ -36,7 +36,10 @@ CONTROL_PORT = 2377
 
 @dataclass(frozen=True)
 class ManagerConfig:
-    assignment_poll_s: float = 15.0  # long-poll hold time; also the worker's heartbeat period bound
+    # Long-poll hold time, and so the worker's heartbeat period: a node counts as seen only
+    # when a poll arrives or returns, so this must stay well under node_down_after_s (at 15 s
+    # every idle node was marked down after 10 s and its tasks rescheduled). Docker: 5 s.
+    assignment_poll_s: float = 5.0
     node_down_after_s: float = 10.0  # no poll for this long -> node Down (Docker: ~13 s measured)
     leader_loop_s: float = 1.0  # periodic pass even without changes (heartbeats, retries)
 
@@ -323,8 +326,11 @@ class Manager:
     async def _leader_loop(self) -> None:
         assert self.store is not None
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that races with the event firing, and close() then hangs.
             try:
-                await asyncio.wait_for(self._kick.wait(), self.config.leader_loop_s)
+                async with asyncio.timeout(self.config.leader_loop_s):
+                    await self._kick.wait()
             except TimeoutError:
                 pass
             self._kick.clear()

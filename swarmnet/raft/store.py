@@ -122,7 +122,8 @@ class Store:
 
     async def wait_change(self, timeout_s: float) -> None:
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see manager._leader_loop
+                await self._changed.wait()
         except TimeoutError:
             pass
 
@@ -171,7 +172,8 @@ class Store:
         blob = msgpack.packb(cmd, use_bin_type=True)
         self._replica.apply_command(blob, callback=done)
         try:
-            return await asyncio.wait_for(fut, self.config.command_timeout_s)
+            async with asyncio.timeout(self.config.command_timeout_s):
+                return await fut
         except TimeoutError as e:
             raise StoreError(
                 503, "the write did not commit in time (no quorum?); it may still apply"
