@@ -37,10 +37,30 @@ def _obj(body: Any, field: str) -> dict:
     return body
 
 
+def _is_text(value: Any) -> bool:
+    """A string that can travel in a Raft command and an exec: JSON allows lone surrogates
+    ("\\ud800"), which msgpack cannot encode, and NUL, which no argv or environment can hold."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _str_list(value: Any, field: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(_is_text(v) for v in value):
+        raise bad(field, f"{field} must be a list of strings")
+    return list(value)
+
+
 def _str_map(value: Any, field: str) -> dict[str, str]:
     value = _obj(value, field)
     for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str):
+        if not _is_text(k) or not _is_text(v):
             raise bad(field, f"{field} must map strings to strings")
     return dict(value)
 
@@ -130,19 +150,15 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
     tt = _obj(body.get("TaskTemplate"), "TaskTemplate")
     cs = _obj(tt.get("ContainerSpec"), "TaskTemplate.ContainerSpec")
     image = cs.get("Image")
-    args = cs.get("Args") or []
-    command = cs.get("Command") or []
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise bad("TaskTemplate.ContainerSpec.Args", "Args must be a list of strings")
-    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
-        raise bad("TaskTemplate.ContainerSpec.Command", "Command must be a list of strings")
-    if not isinstance(image, str) or not image.strip():
+    args = _str_list(cs.get("Args"), "TaskTemplate.ContainerSpec.Args")
+    command = _str_list(cs.get("Command"), "TaskTemplate.ContainerSpec.Command")
+    if not _is_text(image) or not image.strip():
         raise bad(
             "TaskTemplate.ContainerSpec.Image",
             "a command to run is required (Image is the program, Args the rest of the command line)",
         )
-    env = cs.get("Env") or []
-    if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
+    env = _str_list(cs.get("Env"), "TaskTemplate.ContainerSpec.Env")
+    if not all("=" in e for e in env):
         raise bad("TaskTemplate.ContainerSpec.Env", "Env must be a list of NAME=value strings")
     mode = _obj(body.get("Mode"), "Mode")
     if "Global" in mode:
@@ -168,13 +184,20 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
             raise bad(f"TaskTemplate.Networks[{i}].Target", f"network {target} not found", 404)
         if any(t["Target"] == nid for t in targets):
             raise bad(f"TaskTemplate.Networks[{i}].Target", f"network {target} is listed twice")
-        targets.append({"Target": nid, "Aliases": list(n.get("Aliases") or [])})
+        aliases = _str_list(n.get("Aliases"), f"TaskTemplate.Networks[{i}].Aliases")
+        targets.append({"Target": nid, "Aliases": aliases})
     ep = _obj(body.get("EndpointSpec"), "EndpointSpec")
     ep_mode = ep.get("Mode") or "vip"
     if ep_mode not in ("vip", "dnsrr"):
         raise bad("EndpointSpec.Mode", f"endpoint mode must be vip or dnsrr, not {ep_mode!r}")
     if ep.get("Ports"):
         raise bad("EndpointSpec.Ports", "published ports are not implemented yet (issue 6)")
+    force = tt.get("ForceUpdate") or 0
+    # An unsigned 64-bit counter in Docker; bounded so that msgpack can carry it.
+    if isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < 2**63:
+        raise bad(
+            "TaskTemplate.ForceUpdate", f"ForceUpdate must be a whole number >= 0, not {force!r}"
+        )
     return {
         "Name": name,
         "Labels": _str_map(body.get("Labels"), "Labels"),
@@ -182,7 +205,7 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
             "ContainerSpec": {"Image": image, "Args": args, "Command": command, "Env": env},
             "Networks": targets,
             "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 0},
-            "ForceUpdate": int(tt.get("ForceUpdate") or 0),
+            "ForceUpdate": force,
         },
         "Mode": {"Replicated": {"Replicas": replicas}},
         "EndpointSpec": {"Mode": ep_mode},

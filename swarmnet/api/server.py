@@ -63,7 +63,14 @@ async def _json(request: web.Request) -> Any:
     raw = await request.read()
     if not raw.strip():
         return {}
-    return json.loads(raw)
+    try:
+        body = json.loads(raw)
+        # Lone surrogates ("\\ud800") are valid JSON but cannot be UTF-8 encoded, so
+        # msgpack would fail on them later, inside a Raft submit: refuse them here.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, surrogates, nesting
+        raise CommandError(400, "body", f"body: invalid JSON: {e}") from None
+    return body
 
 
 def _lookup(objs: dict[str, dict], key: str, name_of, kind: str) -> dict:
@@ -92,7 +99,8 @@ def _filters(request: web.Request) -> dict[str, list[str]]:
     if not isinstance(f, dict):
         raise CommandError(400, "filters", "filters must be a JSON object")
     for k, v in f.items():
-        out[k] = list(v.keys()) if isinstance(v, dict) else list(v) if isinstance(v, list) else [str(v)]
+        vals = list(v.keys()) if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        out[k] = [str(x) for x in vals]  # matched with `in`/startswith on strings
     return out
 
 
@@ -282,7 +290,9 @@ class API:
         key = request.match_info["id"]
         body = await _json(request)
         version = request.query.get("version")
-        if version is None or not version.isdigit():
+        # ASCII digits only ("²".isdigit() is True but int() refuses it), and few enough
+        # to fit the int64 that msgpack carries.
+        if version is None or not (version.isascii() and version.isdigit()) or len(version) > 18:
             raise CommandError(400, "version", "the version query parameter (Version.Index) is required")
 
         def prep(s: ClusterState) -> tuple[str, dict]:

@@ -39,7 +39,8 @@ class CommandError(Exception):
 def check_name(name: Any, field: str = "Name") -> str:
     if not isinstance(name, str) or not name:
         raise CommandError(400, field, f"{field} is required")
-    if not NAME_RE.match(name):
+    # fullmatch: with match(), "$" also matches before a trailing newline ("web\n").
+    if not NAME_RE.fullmatch(name):
         raise CommandError(
             400,
             field,
@@ -144,11 +145,19 @@ class ClusterState:
         if cmd["state"] == "down":
             # Tasks of a dead node can never report again: orphan them so the scheduler
             # replaces them elsewhere and their addresses are released.
+            # Also a task whose process just exited (terminal status, desired running): it
+            # would hold its slot forever. A "remove" stays "remove".
             for task in self.tasks.values():
-                if task["node_id"] == node["id"] and task["status"]["state"] not in TASK_TERMINAL:
+                if task["node_id"] != node["id"]:
+                    continue
+                live = task["status"]["state"] not in TASK_TERMINAL
+                if not live and task["desired_state"] != "running":
+                    continue
+                if task["desired_state"] == "running":
                     task["desired_state"] = "shutdown"
+                if live:
                     task["status"] = {"state": "orphaned", "err": "node down", "ts": cmd["now"]}
-                    task["version"] = self._bump()
+                task["version"] = self._bump()
         return {"ok": True}
 
     # ---- networks -------------------------------------------------------------------
@@ -163,10 +172,12 @@ class ClusterState:
         self._require_cluster()
         assert self.ipam is not None
         name = check_name(cmd.get("name"))
-        if self.network_by_name(name) is not None:
-            raise CommandError(409, "Name", f"network with name {name} already exists")
+        # The id first: a retried create (unknown outcome) finds its own network by name too,
+        # and must be a no-op, not a 409.
         if cmd["id"] in self.networks:
             return {"ok": True, "noop": True, "id": cmd["id"]}
+        if self.network_by_name(name) is not None:
+            raise CommandError(409, "Name", f"network with name {name} already exists")
         if cmd.get("driver", "overlay") != "overlay":
             raise CommandError(400, "Driver", f"driver {cmd.get('driver')!r} is not supported: use overlay")
         subnet = self.ipam.allocate_subnet(cmd["id"], cmd.get("subnet"))
