@@ -120,6 +120,12 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from swarmnet.lab import demo
+
+    return demo.run(args.name or "swarmnet", hosts=args.hosts, keep=not args.down)
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``lab`` and its subcommands to a top-level ``add_subparsers()`` object."""
     # --name on each subcommand (not on `lab`), so that it may follow the subcommand.
@@ -164,4 +170,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("start", parents=[common], help="bring a stopped host back")
     p.add_argument("host", metavar="HOST")
     p.set_defaults(func=_guard(_start))
+
+    p = sub.add_parser(
+        "demo", parents=[common], help="up + an overlay + a replicated web service + traffic shown"
+    )
+    p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
+    p.add_argument("--down", action="store_true", help="remove the lab at the end")
+    p.set_defaults(func=_guard(_demo))
     return lab
