@@ -35,7 +35,15 @@ def _print_table(doc: dict) -> None:
         pid = h["pid"]
         state = "running" if pid is not None else "stopped"
         rows.append(
-            (h["host"], h["role"], h["underlay_ip"], state, str(pid or "-"), h["netns"], h["api"])
+            (
+                h["host"],
+                str(h["role"] or "-"),
+                h["underlay_ip"],
+                state,
+                str(pid or "-"),
+                h["netns"],
+                str(h["api"] or "-"),
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(
@@ -45,7 +53,17 @@ def _print_table(doc: dict) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _vm():
+    from swarmnet.lab import vm
+
+    return vm
+
+
 def _up(args: argparse.Namespace) -> int:
+    if args.kind == "vm":
+        doc = _vm().up(args.name or "swarmnet", args.hosts or 2)
+        _print_table(_vm().status(doc["name"]))
+        return 0
     cfg = LabConfig()
     if args.file:
         cfg = netns.load_topology(args.file, cfg)
@@ -79,12 +97,16 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
+    if args.kind == "vm":
+        _vm().down(args.name or "swarmnet")
+        return 0
     netns.down(args.name or "swarmnet")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    doc = netns.status(args.name or "swarmnet")
+    name = args.name or "swarmnet"
+    doc = _vm().status(name) if args.kind == "vm" else netns.status(name)
     if args.format == "json":
         print(json.dumps(doc))
     else:
@@ -105,6 +127,11 @@ def _exec(args: argparse.Namespace) -> int:
             name, argv = argv[0].split("=", 1)[1], argv[1:]
     if argv and argv[0] == "--":
         argv = argv[1:]
+    if args.kind == "vm":
+        rc, out, err = _vm().exec_on(name or "swarmnet", args.host, argv)
+        sys.stdout.write(out)
+        sys.stderr.write(err)
+        return rc
     return netns.exec_on(name or "swarmnet", args.host, argv)
 
 
@@ -132,6 +159,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     # Default None and resolved late: `up` must let a topology file's name count.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", default=None, metavar="LAB", help="lab name (default: swarmnet)")
+    common.add_argument(
+        "--kind",
+        choices=("netns", "vm"),
+        default="netns",
+        help="netns: hosts are network namespaces (default); vm: qemu guests on Debian's kernel",
+    )
     lab = subparsers.add_parser(
         "lab", help="a local lab: hosts as network namespaces, one agent each"
     )
