@@ -157,6 +157,7 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
             "TaskTemplate.ContainerSpec.Image",
             "a command to run is required (Image is the program, Args the rest of the command line)",
         )
+    image = program_from_image(image)
     env = _str_list(cs.get("Env"), "TaskTemplate.ContainerSpec.Env")
     if not all("=" in e for e in env):
         raise bad("TaskTemplate.ContainerSpec.Env", "Env must be a list of NAME=value strings")
@@ -210,6 +211,20 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
         "Mode": {"Replicated": {"Replicas": replicas}},
         "EndpointSpec": {"Mode": ep_mode},
     }
+
+
+def program_from_image(image: str) -> str:
+    """The program named by a Docker image reference. The docker CLI normalises what the
+    user typed (``python3`` becomes ``python3:latest``, or ``docker.io/library/python3``
+    with a digest when it could resolve one); swarmnet's Image is a program, so undo that."""
+    image = image.strip()
+    image = image.split("@", 1)[0]
+    for prefix in ("docker.io/library/", "index.docker.io/library/"):
+        if image.startswith(prefix):
+            image = image[len(prefix) :]
+    if image.endswith(":latest"):
+        image = image[: -len(":latest")]
+    return image
 
 
 def service_argv(spec: dict) -> list[str]:

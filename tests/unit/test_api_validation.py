@@ -398,3 +398,19 @@ def test_fuzz_service_spec_one_field(field: str, value: Any) -> None:
 def test_fuzz_whole_bodies(body: Any) -> None:
     _check_outcome(lambda: parse_network_create(body))
     _check_outcome(lambda: parse_service_spec(body, resolve))
+
+
+@pytest.mark.parametrize(
+    ("given", "program"),
+    [
+        ("python3", "python3"),
+        ("python3:latest", "python3"),
+        ("docker.io/library/python3:latest", "python3"),
+        ("python3:latest@sha256:" + "0" * 64, "python3"),
+        ("/usr/bin/env", "/usr/bin/env"),
+    ],
+)
+def test_docker_cli_image_normalisation_is_undone(given: str, program: str) -> None:
+    from swarmnet.api.docker import program_from_image
+
+    assert program_from_image(given) == program
