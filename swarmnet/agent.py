@@ -62,6 +62,8 @@ class Agent:
         self.identity: dict | None = None
         self._runner: web.AppRunner | None = None
         self._busy = asyncio.Lock()
+        self._roles_task: asyncio.Task | None = None
+        self.role_check_s = 1.0
         opts.data_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -105,6 +107,10 @@ class Agent:
         log.info("API listening on %s", api)
 
     async def close(self) -> None:
+        if self._roles_task is not None:
+            self._roles_task.cancel()
+            await asyncio.gather(self._roles_task, return_exceptions=True)
+            self._roles_task = None
         if self._runner is not None:
             await self._runner.cleanup()
         if self.worker is not None:
@@ -119,7 +125,11 @@ class Agent:
             self.manager = Manager(
                 ident["node_id"], self.opts.hostname, self.opts.advertise_addr, self.opts.data_dir
             )
-            await self.manager.start(ident["raft_password"], partners=[])
+            await self.manager.start(
+                ident["raft_password"],
+                partners=ident.get("raft_members", []),
+                wait_leader=new_cluster,
+            )
             if new_cluster:
                 result = await self.manager.init_cluster(ident["secret"], pools, subnet_size)
                 if "error" in result:
@@ -137,6 +147,63 @@ class Agent:
             kernel=self.kernel,
         )
         await self.worker.start()
+        if self._roles_task is None:
+            self._roles_task = asyncio.create_task(self._follow_role(), name="agent-role")
+
+    async def _follow_role(self) -> None:
+        """Promotion and demotion: the node's role in the replicated state (seen in the
+        worker's assignment) decides whether this agent runs a manager."""
+        while True:
+            await asyncio.sleep(self.role_check_s)
+            try:
+                await self._check_role()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("role change failed; retrying")
+
+    async def _check_role(self) -> None:
+        a = self.worker.assignment if self.worker is not None else None
+        ident = self.identity
+        if a is None or ident is None or not a.get("node"):
+            return
+        async with self._busy:
+            role = a["node"]["role"]
+            changed = False
+            managers = a.get("managers") or []
+            if managers and sorted(managers) != sorted(ident.get("managers", [])):
+                ident["managers"], changed = list(managers), True
+            if role == "manager" and self.manager is None and a.get("raft"):
+                log.warning("promoted to manager: starting the Raft node")
+                ident["role"] = "manager"
+                ident["raft_password"] = a["raft"]["password"]
+                ident["raft_members"] = a["raft"]["members"]
+                write_atomic(self._identity_path, json.dumps(ident).encode())
+                self.manager = Manager(
+                    ident["node_id"],
+                    self.opts.hostname,
+                    self.opts.advertise_addr,
+                    self.opts.data_dir,
+                )
+                await self.manager.start(ident["raft_password"], ident["raft_members"])
+                return
+            if role == "worker" and self.manager is not None:
+                if self.manager.store is not None and self.manager.store.is_leader():
+                    return  # the leader hands leadership over first (manager._membership_pass)
+                log.warning("demoted to worker: stopping the Raft node")
+                await self.manager.close()
+                self.manager = None
+                ident["role"] = "worker"
+                ident.pop("raft_password", None)
+                ident.pop("raft_members", None)
+                self._drop_raft_files()
+                changed = True
+            if changed:
+                write_atomic(self._identity_path, json.dumps(ident).encode())
+
+    def _drop_raft_files(self) -> None:
+        for name in ("raft.journal", "raft.journal.meta", "raft.dump"):
+            (self.opts.data_dir / "raft" / name).unlink(missing_ok=True)
 
     # ---- swarm membership -----------------------------------------------------------
 
@@ -155,14 +222,18 @@ class Agent:
         async with self._busy:
             if self.identity is not None:
                 raise CommandError(
-                    503, "swarm", "This node is already part of a swarm. Use \"swarmnet swarm leave\" to leave this swarm and join another one."
+                    503,
+                    "swarm",
+                    'This node is already part of a swarm. Use "swarmnet swarm leave" to leave this swarm and join another one.',
                 )
             self._check_addr(body)
             pools = body.get("DefaultAddrPool") or None
             if pools is not None and (
                 not isinstance(pools, list) or not all(isinstance(p, str) for p in pools)
             ):
-                raise CommandError(400, "DefaultAddrPool", "DefaultAddrPool must be a list of CIDRs")
+                raise CommandError(
+                    400, "DefaultAddrPool", "DefaultAddrPool must be a list of CIDRs"
+                )
             size = body.get("SubnetSize") or None
             if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
                 raise CommandError(400, "SubnetSize", "SubnetSize must be a number")
@@ -191,12 +262,20 @@ class Agent:
         async with self._busy:
             if self.identity is not None:
                 raise CommandError(
-                    503, "swarm", "This node is already part of a swarm. Use \"swarmnet swarm leave\" to leave this swarm and join another one."
+                    503,
+                    "swarm",
+                    'This node is already part of a swarm. Use "swarmnet swarm leave" to leave this swarm and join another one.',
                 )
             self._check_addr(body)
             remotes = body.get("RemoteAddrs") or []
-            if not isinstance(remotes, list) or not remotes or not all(isinstance(r, str) for r in remotes):
-                raise CommandError(400, "RemoteAddrs", "RemoteAddrs: give at least one manager address HOST:2377")
+            if (
+                not isinstance(remotes, list)
+                or not remotes
+                or not all(isinstance(r, str) for r in remotes)
+            ):
+                raise CommandError(
+                    400, "RemoteAddrs", "RemoteAddrs: give at least one manager address HOST:2377"
+                )
             D.split_token(body.get("JoinToken"))
             last_error = "no manager answered"
             for remote in remotes:
@@ -227,10 +306,32 @@ class Agent:
                     "role": data["role"],
                     "managers": data["managers"],
                 }
+                if data["role"] == "manager":
+                    self.identity["raft_password"] = data["raft_password"]
+                    self.identity["raft_members"] = data["raft_members"]
+                    self._drop_raft_files()  # a journal of an earlier swarm must not be replayed
                 write_atomic(self._identity_path, json.dumps(self.identity).encode())
                 await self._start_roles(new_cluster=False)
+                if self.manager is not None:
+                    await self._wait_caught_up()
                 return
             raise CommandError(503, "RemoteAddrs", last_error)
+
+    async def _wait_caught_up(self, timeout_s: float = 60.0) -> None:
+        """A joining manager answers ``swarm join`` once its replica holds the swarm (the
+        leader added it to the Raft cluster and streamed it the log or a snapshot)."""
+        assert self.manager is not None and self.manager.store is not None
+        store = self.manager.store
+        node_id = self.identity["node_id"] if self.identity else ""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not store.read(lambda s: node_id in s.nodes):
+            if asyncio.get_running_loop().time() > deadline:
+                raise CommandError(
+                    503,
+                    "RemoteAddrs",
+                    "joined, but this manager has not caught up with the swarm's Raft log yet",
+                )
+            await store.wait_change(0.5)
 
     async def leave_swarm(self, force: bool) -> None:
         async with self._busy:
@@ -253,9 +354,11 @@ class Agent:
             if self.manager is not None:
                 await self.manager.close()
                 self.manager = None
+            if self._roles_task is not None:
+                self._roles_task.cancel()
+                self._roles_task = None
             self._identity_path.unlink(missing_ok=True)
-            for name in ("raft.journal", "raft.journal.meta", "raft.dump"):
-                (self.opts.data_dir / "raft" / name).unlink(missing_ok=True)
+            self._drop_raft_files()
             self.identity = None
 
     # ---- info -----------------------------------------------------------------------
@@ -273,11 +376,17 @@ class Agent:
             "LocalNodeState": "active" if ident else "inactive",
             "ControlAvailable": bool(ident and ident["role"] == "manager"),
             "Error": "",
-            "RemoteManagers": [{"NodeID": "", "Addr": m} for m in (ident or {}).get("managers", [])],
+            "RemoteManagers": [
+                {"NodeID": "", "Addr": m} for m in (ident or {}).get("managers", [])
+            ],
         }
         if self.manager is not None and self.manager.store is not None:
             st = self.manager.store.read(
-                lambda s: (len(s.nodes), sum(1 for n in s.nodes.values() if n["role"] == "manager"), s.cluster)
+                lambda s: (
+                    len(s.nodes),
+                    sum(1 for n in s.nodes.values() if n["role"] == "manager"),
+                    s.cluster,
+                )
             )
             swarm["Nodes"], swarm["Managers"] = st[0], st[1]
             if st[2] is not None:

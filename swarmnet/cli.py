@@ -153,6 +153,48 @@ def cmd_node_inspect(args) -> int:
     return 0
 
 
+def _node_update(c: Client, key: str, **changes: str) -> None:
+    n = c.get(f"/nodes/{q(key)}")
+    spec = dict(n["Spec"], **changes)
+    c.post(f"/nodes/{q(key)}/update", spec, version=n["Version"]["Index"])
+
+
+def cmd_node_promote(args) -> int:
+    c = _client(args)
+    for key in args.nodes:
+        _node_update(c, key, Role="manager")
+        print(f"Node {key} promoted to a manager in the swarm.")
+    return 0
+
+
+def cmd_node_demote(args) -> int:
+    c = _client(args)
+    for key in args.nodes:
+        _node_update(c, key, Role="worker")
+        print(f"Manager {key} demoted in the swarm.")
+    return 0
+
+
+def cmd_node_update(args) -> int:
+    c = _client(args)
+    changes = {}
+    if args.availability:
+        changes["Availability"] = args.availability
+    if args.role:
+        changes["Role"] = args.role
+    _node_update(c, args.node, **changes)
+    print(args.node)
+    return 0
+
+
+def cmd_node_rm(args) -> int:
+    c = _client(args)
+    for key in args.nodes:
+        c.delete(f"/nodes/{q(key)}", **({"force": "1"} if args.force else {}))
+        print(key)
+    return 0
+
+
 # ---- networks -----------------------------------------------------------------------
 
 
@@ -430,6 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     x = nd.add_parser("inspect")
     x.add_argument("nodes", nargs="+")
     x.set_defaults(func=cmd_node_inspect)
+    x = nd.add_parser("promote")
+    x.add_argument("nodes", nargs="+")
+    x.set_defaults(func=cmd_node_promote)
+    x = nd.add_parser("demote")
+    x.add_argument("nodes", nargs="+")
+    x.set_defaults(func=cmd_node_demote)
+    x = nd.add_parser("update")
+    x.add_argument("--availability", choices=["active", "pause", "drain"])
+    x.add_argument("--role", choices=["worker", "manager"])
+    x.add_argument("node")
+    x.set_defaults(func=cmd_node_update)
+    x = nd.add_parser("rm")
+    x.add_argument("-f", "--force", action="store_true")
+    x.add_argument("nodes", nargs="+")
+    x.set_defaults(func=cmd_node_rm)
 
     nw = sub.add_parser("network", help="manage overlay networks").add_subparsers(dest="sub", required=True)
     x = nw.add_parser("create")

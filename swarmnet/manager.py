@@ -2,8 +2,12 @@
 
 Node channel (workers <-> managers), HTTP on the manager's advertise address, port 2377:
 - ``POST /cluster/join``        {token, hostname, addr} -> {node_id, secret, cluster_id, managers}
+  (+ ``raft_password`` and ``raft_members`` for the manager token: the cluster secret that
+  keys pysyncobj's transport; the PKI work moves it under mutual TLS)
 - ``GET  /cluster/assignments`` ?index=N, long poll: the node's tasks, their networks and
-  the endpoints of those networks (this slice's stand-in for gossip, issue 5)
+  the endpoints of those networks (this slice's stand-in for gossip, issue 5), plus the
+  manager list and the leader's address: workers follow the leader (it alone tracks
+  heartbeats) and fail over to any other manager
 - ``POST /cluster/status``      {statuses: [{id, state, err, pid}]}
 Nodes authenticate with the per-node secret issued at join (``Authorization: Bearer
 <node_id>.<secret>``); the manager stores only its SHA-256. Mutual TLS replaces this in
@@ -97,7 +101,9 @@ def assignment_for(state: ClusterState, node_id: str) -> dict:
         )
     return {
         "index": state.index,
-        "node": None if node is None else {"id": node["id"], "state": node["state"], "role": node["role"]},
+        "node": None
+        if node is None
+        else {"id": node["id"], "state": node["state"], "role": node["role"]},
         "tasks": out_tasks,
         "networks": networks,
         "endpoints": endpoints,
@@ -125,11 +131,19 @@ class Manager:
         self._tasks: list[asyncio.Task] = []
         self._last_seen: dict[str, float] = {}
         self._leader_since: float | None = None
+        self._confirmed_term: int | None = None
+        self._password = ""
         self._kick = asyncio.Event()
 
     # ---- lifecycle ------------------------------------------------------------------
 
-    async def start(self, password: str, partners: list[str]) -> None:
+    def raft_addr(self, addr: str) -> str:
+        return f"{addr}:{self.raft_config.raft_port}"
+
+    async def start(self, password: str, partners: list[str], wait_leader: bool = False) -> None:
+        """Start the Raft node and the node channel. Without ``wait_leader`` the manager serves
+        reads at once, even without quorum (a restarted manager alone must still answer)."""
+        self._password = password
         self.store = Store(
             f"{self.addr}:{self.raft_config.raft_port}",
             partners,
@@ -138,7 +152,8 @@ class Manager:
             self.raft_config,
         )
         self.store.on_change(self._kick.set)
-        await self.store.wait_leader()
+        if wait_leader:
+            await self.store.wait_leader()
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/cluster/join", self._h_join)
         app.router.add_get("/cluster/assignments", self._h_assignments)
@@ -149,7 +164,9 @@ class Manager:
         await site.start()
         self._tasks.append(asyncio.create_task(self._leader_loop(), name="leader-loop"))
 
-    async def init_cluster(self, secret: str, pools: list[str] | None, subnet_size: int | None) -> dict:
+    async def init_cluster(
+        self, secret: str, pools: list[str] | None, subnet_size: int | None
+    ) -> dict:
         """Commit the cluster record with this node as its first manager."""
         assert self.store is not None
         cmd = {
@@ -181,7 +198,7 @@ class Manager:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.store is not None:
-            self.store.close()
+            await self.store.aclose()
 
     # ---- reads for the API ----------------------------------------------------------
 
@@ -196,8 +213,44 @@ class Manager:
 
         return self.store.read(get)
 
+    def manager_status(self) -> dict[str, str]:
+        """node id -> "reachable"/"unreachable" for every manager node, from pysyncobj's
+        connection status to each Raft partner (this manager itself: reachable)."""
+        assert self.store is not None
+        members = self.store.members()
+        port = self.raft_config.raft_port
+
+        def get(state: ClusterState) -> dict[str, str]:
+            return {
+                n["id"]: "reachable" if members.get(f"{n['addr']}:{port}") else "unreachable"
+                for n in state.nodes.values()
+                if n["role"] == "manager"
+            }
+
+        return self.store.read(get)
+
+    def control_addrs(self) -> tuple[list[str], str | None]:
+        """Every manager's node-channel address (the leader first) and the leader's."""
+        assert self.store is not None
+        leader = self.store.leader()
+        lhost = None if leader is None else leader.rsplit(":", 1)[0]
+        addrs = self.store.read(
+            lambda s: sorted(n["addr"] for n in s.nodes.values() if n["role"] == "manager")
+        )
+        addrs.sort(key=lambda a: a != lhost)
+        lead = f"{lhost}:{CONTROL_PORT}" if lhost in addrs else None
+        return [f"{a}:{CONTROL_PORT}" for a in addrs], lead
+
+    def raft_members(self) -> list[str]:
+        assert self.store is not None
+        return self.store.read(
+            lambda s: sorted(
+                self.raft_addr(n["addr"]) for n in s.nodes.values() if n["role"] == "manager"
+            )
+        )
+
     def leader_node_id(self) -> str | None:
-        # Single-manager slice: the leader is the manager whose Raft address leads.
+        # The leader is the manager node whose address the Raft leader's address carries.
         assert self.store is not None
         leader = self.store.leader()
         if leader is None:
@@ -232,7 +285,9 @@ class Manager:
             digest, secret = split_token(body.get("token"))
         except Exception:
             return web.json_response({"message": "invalid join token"}, status=400)
-        cluster = self.store.read(lambda s: s.cluster and dict(s.cluster, tokens=dict(s.cluster["tokens"])))
+        cluster = self.store.read(
+            lambda s: s.cluster and dict(s.cluster, tokens=dict(s.cluster["tokens"]))
+        )
         if cluster is None:
             return web.json_response({"message": "this manager has no swarm"}, status=503)
         role = None
@@ -244,11 +299,6 @@ class Manager:
             log.warning("join refused from %s: wrong token", request.remote)
             return web.json_response(
                 {"message": "invalid join token: it does not match this swarm's tokens"}, status=403
-            )
-        if role == "manager":
-            return web.json_response(
-                {"message": "joining as a manager is not supported yet (issue 4): use the worker token"},
-                status=501,
             )
         hostname = str(body.get("hostname") or "")[:64]
         addr = str(body.get("addr") or request.remote or "")
@@ -269,17 +319,25 @@ class Manager:
         except StoreError as e:
             return web.json_response({"message": e.message}, status=e.status)
         if "error" in result:
-            return web.json_response({"message": result["error"]["message"]}, status=result["error"]["status"])
+            return web.json_response(
+                {"message": result["error"]["message"]}, status=result["error"]["status"]
+            )
         self._last_seen[node_id] = time.monotonic()
-        return web.json_response(
-            {
-                "node_id": node_id,
-                "secret": node_secret,
-                "role": role,
-                "cluster_id": cluster["id"],
-                "managers": [f"{self.addr}:{CONTROL_PORT}"],
-            }
-        )
+        # A new manager becomes a Raft member through the leader's membership pass (one
+        # change at a time); it starts its own Raft node with every manager as a partner.
+        self._kick.set()
+        managers, _ = self.control_addrs()
+        out = {
+            "node_id": node_id,
+            "secret": node_secret,
+            "role": role,
+            "cluster_id": cluster["id"],
+            "managers": managers,
+        }
+        if role == "manager":
+            out["raft_password"] = self._password
+            out["raft_members"] = self.raft_members()
+        return web.json_response(out)
 
     async def _h_assignments(self, request: web.Request) -> web.Response:
         assert self.store is not None
@@ -294,7 +352,12 @@ class Manager:
             await self.store.wait_change(max(0.0, deadline - time.monotonic()))
             self._seen(node_id)
         self._seen(node_id)
-        return web.json_response(self.store.read(lambda s: assignment_for(s, node_id)))
+        out = self.store.read(lambda s: assignment_for(s, node_id))
+        out["managers"], out["leader"] = self.control_addrs()
+        if out["node"] is not None and out["node"]["role"] == "manager":
+            # A promoted node needs the cluster secret and the members to start its Raft node.
+            out["raft"] = {"password": self._password, "members": self.raft_members()}
+        return web.json_response(out)
 
     async def _h_status(self, request: web.Request) -> web.Response:
         assert self.store is not None
@@ -304,12 +367,19 @@ class Manager:
         statuses = [
             {k: st[k] for k in ("id", "state", "err", "pid") if k in st}
             for st in body.get("statuses", [])
-            if isinstance(st, dict) and isinstance(st.get("id"), str) and isinstance(st.get("state"), str)
+            if isinstance(st, dict)
+            and isinstance(st.get("id"), str)
+            and isinstance(st.get("state"), str)
         ]
         if statuses:
             try:
                 await self.store.submit(
-                    {"op": "task_status", "node_id": node_id, "statuses": statuses, "now": now_iso()}
+                    {
+                        "op": "task_status",
+                        "node_id": node_id,
+                        "statuses": statuses,
+                        "now": now_iso(),
+                    }
                 )
             except StoreError as e:
                 return web.json_response({"message": e.message}, status=e.status)
@@ -336,16 +406,72 @@ class Manager:
             self._kick.clear()
             if not self.store.is_leader():
                 self._leader_since = None
+                self._confirmed_term = None
                 continue
-            if self._leader_since is None:
-                self._leader_since = time.monotonic()
             try:
+                term = self.store.term
+                if self._confirmed_term != term:
+                    # pysyncobj's "leader" may be deposed without knowing it (RESULTS 1.6):
+                    # act only once a no-op of this term has committed.
+                    if not await self.store.confirm_leadership():
+                        continue
+                    log.info("leadership confirmed (term %d)", term)
+                    self._confirmed_term = term
+                    self._leader_since = time.monotonic()
+                await self._membership_pass()
                 await self._leader_pass()
             except StoreError as e:
                 log.warning("leader pass: %s", e.message)
+                await asyncio.sleep(0.2)
             except Exception:
                 log.exception("leader pass failed")
                 await asyncio.sleep(0.5)
+
+    async def _membership_pass(self) -> None:
+        """Make the Raft membership follow the manager nodes of the state, one change at a
+        time, each waited for (pysyncobj does not stop concurrent changes, RESULTS 1.5).
+        Level-triggered, so a change interrupted by a leader change is finished by the next."""
+        assert self.store is not None
+        want = set(self.raft_members())
+        have = set(self.store.members())
+        me = self.store.self_addr
+        for addr in sorted(want - have):
+            log.info("adding manager %s to the Raft cluster", addr)
+            await self.store.add_member(addr)
+            self._kick.set()  # next change on the next pass
+            return
+        for addr in sorted(have - want):
+            if addr == me:
+                # pysyncobj cannot remove the leader itself: hand leadership over first.
+                log.info("this manager was demoted: transferring leadership")
+                self.store.transfer_leadership()
+                return
+            log.info("removing manager %s from the Raft cluster", addr)
+            await self.store.remove_member(addr)
+            self._kick.set()
+            return
+
+    # ---- node changes (API) -----------------------------------------------------------
+
+    async def update_node(self, node_id: str, version: int | None, spec: dict) -> dict:
+        assert self.store is not None
+        cmd: dict = {"op": "node_update", "node_id": node_id, "version": version, "now": now_iso()}
+        if "Role" in spec:
+            cmd["role"] = spec["Role"]
+        if "Availability" in spec:
+            cmd["availability"] = spec["Availability"]
+        result = await self.store.submit(cmd)
+        self._kick.set()
+        return result
+
+    async def remove_node(self, node_id: str, force: bool) -> dict:
+        assert self.store is not None
+        result = await self.store.submit(
+            {"op": "remove_node", "node_id": node_id, "force": force, "now": now_iso()}
+        )
+        self._last_seen.pop(node_id, None)
+        self._kick.set()
+        return result
 
     async def _leader_pass(self) -> None:
         assert self.store is not None
@@ -359,14 +485,20 @@ class Manager:
             alive = mono - seen < self.config.node_down_after_s
             if state == "ready" and not alive:
                 log.warning("node %s missed heartbeats: marking it down", nid)
-                await self.store.submit({"op": "node_state", "node_id": nid, "state": "down", "now": now_iso()})
+                await self.store.submit(
+                    {"op": "node_state", "node_id": nid, "state": "down", "now": now_iso()}
+                )
             elif state == "down" and alive:
-                await self.store.submit({"op": "node_state", "node_id": nid, "state": "ready", "now": now_iso()})
+                await self.store.submit(
+                    {"op": "node_state", "node_id": nid, "state": "ready", "now": now_iso()}
+                )
         cmds = self.store.read(lambda s: scheduler.plan(s, new_id, now_iso()))
         for cmd in cmds:
             result = await self.store.submit(cmd)
             if "error" in result:
-                log.warning("scheduler command %s refused: %s", cmd["op"], result["error"]["message"])
+                log.warning(
+                    "scheduler command %s refused: %s", cmd["op"], result["error"]["message"]
+                )
 
 
 __all__ = ["Manager", "ManagerConfig", "assignment_for", "service_network_ids"]

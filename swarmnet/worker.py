@@ -123,17 +123,37 @@ class Worker:
                 raise
             except Exception as e:
                 log.warning("assignments from %s: %s", self.managers[0], e)
+                self._next_manager()
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.config.retry_max_s)
                 continue
             index = assignment["index"]
             self.assignment = assignment
+            self._follow_leader(assignment)
             try:
                 await self.sync()
             except Exception:
                 self.reconcile_errors += 1
                 log.exception("sync failed; retrying on the next assignment")
                 await asyncio.sleep(delay)
+
+    def _next_manager(self) -> None:
+        """Manager failover: the one that failed goes to the back of the list."""
+        if len(self.managers) > 1:
+            self.managers.append(self.managers.pop(0))
+
+    def _follow_leader(self, assignment: dict) -> None:
+        """Learn the manager list, and poll the leader: only the leader tracks heartbeats."""
+        managers = [m for m in assignment.get("managers") or [] if isinstance(m, str)]
+        if not managers:
+            return
+        leader = assignment.get("leader")
+        current = self.managers[0]
+        ordered = sorted(managers, key=lambda m: (m != leader, m != current))
+        if ordered != self.managers:
+            if ordered[0] != current:
+                log.info("following manager %s (leader %s)", ordered[0], leader)
+            self.managers = ordered
 
     def _on_status(self, task_id: str, state: str, err: str, pid: int | None) -> None:
         st = {"id": task_id, "state": state, "err": err or ""}
@@ -160,6 +180,7 @@ class Worker:
                 raise
             except Exception as e:
                 log.warning("status report failed (%s); will retry", e)
+                self._next_manager()
                 for st in batch:
                     self._pending.setdefault(st["id"], st)
                 await asyncio.sleep(self.config.retry_min_s)

@@ -30,7 +30,13 @@ NOT_MANAGER = (
 
 
 def err(status: int, message: str) -> web.Response:
-    return web.json_response({"message": message}, status=status)
+    # Exactly "application/json", no charset: the docker CLI decodes an error body only
+    # when the Content-Type header equals that string, and prints raw JSON otherwise.
+    return web.Response(
+        body=json.dumps({"message": message}).encode(),
+        status=status,
+        headers={"Content-Type": "application/json"},
+    )
 
 
 @web.middleware
@@ -203,15 +209,48 @@ class API:
     async def nodes_list(self, request: web.Request) -> web.Response:
         m = self._manager()
         leader = m.leader_node_id()
+        status = m.manager_status()
         nodes = self._read(lambda s: [dict(n) for n in s.nodes.values()])
         nodes.sort(key=lambda n: n["hostname"])
-        return web.json_response([D.render_node(n, leader) for n in nodes])
+        return web.json_response(
+            [D.render_node(n, leader, status.get(n["id"]) != "unreachable") for n in nodes]
+        )
 
     async def node_get(self, request: web.Request) -> web.Response:
         m = self._manager()
         key = request.match_info["id"]
         node = self._read(lambda s: dict(_lookup(s.nodes, key, lambda n: n["hostname"], "node")))
-        return web.json_response(D.render_node(node, m.leader_node_id()))
+        reachable = m.manager_status().get(node["id"]) != "unreachable"
+        return web.json_response(D.render_node(node, m.leader_node_id(), reachable))
+
+    async def node_update(self, request: web.Request) -> web.Response:
+        """POST /nodes/{id}/update?version=N with a NodeSpec (Role, Availability, Labels)."""
+        m = self._manager()
+        key = request.match_info["id"]
+        try:
+            version = int(request.query["version"])
+        except (KeyError, ValueError):
+            raise CommandError(400, "version", "version: the node's Version.Index is required") from None
+        spec = await _json(request)
+        if not isinstance(spec, dict):
+            raise CommandError(400, "Spec", "the body must be a NodeSpec object")
+        node_id = self._read(lambda s: _lookup(s.nodes, key, lambda n: n["hostname"], "node")["id"])
+        result = await m.update_node(node_id, version, spec)
+        if "error" in result:
+            e = result["error"]
+            raise CommandError(e["status"], e["field"], e["message"])
+        return web.Response(status=200)
+
+    async def node_delete(self, request: web.Request) -> web.Response:
+        m = self._manager()
+        key = request.match_info["id"]
+        force = request.query.get("force") in ("1", "true", "True")
+        node_id = self._read(lambda s: _lookup(s.nodes, key, lambda n: n["hostname"], "node")["id"])
+        result = await m.remove_node(node_id, force)
+        if "error" in result:
+            e = result["error"]
+            raise CommandError(e["status"], e["field"], e["message"])
+        return web.Response(status=200)
 
     # ---- networks ---------------------------------------------------------------------
 
@@ -380,6 +419,8 @@ def make_app(agent: Agent) -> web.Application:
         ("POST", "/swarm/leave", api.swarm_leave),
         ("GET", "/nodes", api.nodes_list),
         ("GET", "/nodes/{id}", api.node_get),
+        ("POST", "/nodes/{id}/update", api.node_update),
+        ("DELETE", "/nodes/{id}", api.node_delete),
         ("GET", "/networks", api.networks_list),
         ("POST", "/networks/create", api.network_create),
         ("GET", "/networks/{id}", api.network_get),

@@ -160,6 +160,66 @@ class ClusterState:
                 task["version"] = self._bump()
         return {"ok": True}
 
+    def _cmd_noop(self, cmd: dict) -> dict:
+        # A new leader commits one of these before acting (manager._leader_loop): its commit
+        # proves the leadership; it changes nothing, not even the index.
+        return {"ok": True, "noop": True}
+
+    def _cmd_node_update(self, cmd: dict) -> dict:
+        """Spec.Role / Spec.Availability, compare-and-set on the node's version."""
+        node = self.nodes.get(cmd["node_id"])
+        if node is None:
+            raise CommandError(404, "id", f"node {cmd['node_id']} not found")
+        if cmd.get("version") is not None and int(cmd["version"]) != node["version"]:
+            raise CommandError(
+                409, "version",
+                f"update out of sequence: node version is {node['version']}, not {cmd['version']}",
+            )
+        role = cmd.get("role", node["role"])
+        avail = cmd.get("availability", node["availability"])
+        if role not in ("manager", "worker"):
+            raise CommandError(400, "Role", f"invalid role {role!r}: use manager or worker")
+        if avail not in ("active", "pause", "drain"):
+            raise CommandError(400, "Availability", f"invalid availability {avail!r}")
+        if role == "worker" and node["role"] == "manager":
+            managers = [n for n in self.nodes.values() if n["role"] == "manager"]
+            if len(managers) <= 1:
+                raise CommandError(
+                    400, "Role", "attempting to demote the last manager of the swarm"
+                )
+        if role == node["role"] and avail == node["availability"]:
+            return {"ok": True, "noop": True}
+        node["role"], node["availability"] = role, avail
+        node["updated"] = cmd["now"]
+        node["version"] = self._bump()
+        return {"ok": True}
+
+    def _cmd_remove_node(self, cmd: dict) -> dict:
+        node = self.nodes.get(cmd["node_id"])
+        if node is None:
+            raise CommandError(404, "id", f"node {cmd['node_id']} not found")
+        if node["role"] == "manager":
+            raise CommandError(
+                400, "id",
+                f"node {node['hostname']} is a cluster manager and is a member of the raft "
+                "cluster. It must be demoted to worker before removal",
+            )
+        if node["state"] != "down" and not cmd.get("force"):
+            raise CommandError(
+                400, "id",
+                f"node {node['hostname']} is not down and can't be removed: "
+                "use --force to remove it anyway",
+            )
+        for task in self.tasks.values():
+            if task["node_id"] == node["id"] and task["status"]["state"] not in TASK_TERMINAL:
+                if task["desired_state"] == "running":
+                    task["desired_state"] = "shutdown"
+                task["status"] = {"state": "orphaned", "err": "node removed", "ts": cmd["now"]}
+                task["version"] = self._bump()
+        del self.nodes[node["id"]]
+        self._bump()
+        return {"ok": True}
+
     # ---- networks -------------------------------------------------------------------
 
     def network_by_name(self, name: str) -> dict | None:
@@ -216,12 +276,26 @@ class ClusterState:
             raise CommandError(
                 409, "id", f"network {net['name']} is in use by service(s) {', '.join(users)}"
             )
-        busy = [t["id"] for t in self.tasks.values() if any(a["network_id"] == net["id"] for a in t["networks"])]
+        # Tasks still shutting down (their service is gone or scaled down) do not hold the
+        # network (docker users hit "network in use" right after `service rm`): they are
+        # detached below, their addresses go with the subnet, and their nodes tear down the
+        # kernel objects when the network leaves their assignment.
+        busy = [
+            t["id"]
+            for t in self.tasks.values()
+            if t["desired_state"] == "running"
+            and any(a["network_id"] == net["id"] for a in t["networks"])
+        ]
         if busy:
             raise CommandError(
-                409, "id", f"network {net['name']} still has {len(busy)} task(s) shutting down; retry shortly"
+                409, "id", f"network {net['name']} is in use by {len(busy)} running task(s)"
             )
         assert self.ipam is not None
+        for t in self.tasks.values():
+            kept = [a for a in t["networks"] if a["network_id"] != net["id"]]
+            if len(kept) != len(t["networks"]):
+                t["networks"] = kept
+                t["version"] = self._bump()
         self.ipam.release_subnet(net["id"])
         self.ipam.release_vni(net["id"])
         del self.networks[net["id"]]

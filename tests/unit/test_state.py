@@ -268,12 +268,17 @@ def test_remove_network(s: ClusterState) -> None:
     ok(s, svc_cmd("S1", "web", 1, ("N1",)))
     refused(s, {"op": "remove_network", "id": "N1"}, 409, "id")
     ok(s, task_cmd("T1", "S1", 1))
-    ok(s, {"op": "remove_service", "id": "S1", "now": NOW})
-    # The service is gone but its task still holds an address: still refused.
+    # A running task holds the network even without the service check.
+    s.services["S1"]["spec"]["TaskTemplate"]["Networks"] = []
     err = refused(s, {"op": "remove_network", "id": "N1"}, 409, "id")
     assert "task" in err["message"]
-    ok(s, {"op": "remove_task", "id": "T1"})
+    s.services["S1"]["spec"]["TaskTemplate"]["Networks"] = [{"Target": "N1"}]
+    ok(s, {"op": "remove_service", "id": "S1", "now": NOW})
+    # The service is gone and its task is shutting down: the network can go right away, and
+    # the task is detached from it (its address goes with the subnet).
     ok(s, {"op": "remove_network", "id": "N1"})
+    assert s.tasks["T1"]["networks"] == []
+    ok(s, {"op": "remove_task", "id": "T1"})
     assert s.networks == {} and s.ipam is not None and s.ipam.subnet_of("N1") is None
     assert s.ipam.vni_of("N1") is None
     refused(s, {"op": "remove_network", "id": "N1"}, 404, "id")

@@ -1,0 +1,217 @@
+"""One Raft node process for the Raft benchmarks and the SIGKILL durability test.
+
+``--mode store``: swarmnet's Store (ClusterState behind pysyncobj, group-commit journal);
+``--mode raw``: a bare pysyncobj ReplCounter with the same SyncObjConf (journal + dump,
+appendEntriesUseBatch=False) and the same asyncio bridge, so the two differ only in what a
+command does. A tiny HTTP control server (aiohttp, 127.0.0.1:--ctl) drives it:
+
+- ``GET  /status``           role, leader, term, index, the set of network names
+- ``POST /init``             commit the cluster record (store mode, once, on the leader)
+- ``POST /write``            {"name": N}: create network N (raw: increment); 200 = acknowledged
+- ``POST /bench``            {"n": N, "window": W, "prefix": P}: N pipelined writes, W outstanding,
+  issued from inside this process (how a manager issues them); returns the elapsed time
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from swarmnet.raft.store import RaftConfig, Store, StoreError
+
+CLUSTER_INIT = {
+    "op": "init",
+    "cluster_id": "benchcluster",
+    "tokens": {"worker": "w" * 25, "manager": "m" * 25},
+    "digest": "d" * 50,
+    "pools": None,
+    "subnet_size": None,
+    "now": "2026-01-01T00:00:00.000000Z",
+    "node": {
+        "node_id": "benchnode",
+        "hostname": "bench",
+        "addr": "127.0.0.1",
+        "role": "manager",
+        "secret_hash": "x",
+    },
+}
+
+
+def network_cmd(name: str) -> dict:
+    # The id is the name: a retried write after an unknown outcome is a no-op (idempotent).
+    return {"op": "create_network", "id": name, "name": name, "now": "2026-01-01T00:00:00Z"}
+
+
+class RawNode:
+    """pysyncobj's own ReplCounter, same conf as the Store, same future bridge."""
+
+    def __init__(self, self_addr: str, peers: list[str], data_dir: Path, fsync: bool):
+        from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+        from pysyncobj.batteries import ReplCounter
+
+        self._ok = FAIL_REASON.SUCCESS
+        self.loop = asyncio.get_running_loop()
+        self.counter = ReplCounter()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        conf = SyncObjConf(
+            password="bench",
+            bindAddress=self_addr,
+            journalFile=str(data_dir / "raw.journal"),
+            fullDumpFile=str(data_dir / "raw.dump"),
+            appendEntriesUseBatch=False,
+            connectionRetryTime=1.0,
+            dynamicMembershipChange=True,
+        )
+        self.sync = SyncObj(self_addr, peers, conf=conf, consumers=[self.counter])
+
+    async def write(self) -> Any:
+        fut = self.loop.create_future()
+
+        def done(res: Any, err: int) -> None:
+            def resolve() -> None:
+                if not fut.done():
+                    if err == self._ok:
+                        fut.set_result(res)
+                    else:
+                        fut.set_exception(StoreError(503, f"raw failure {err}"))
+
+            self.loop.call_soon_threadsafe(resolve)
+
+        self.counter.inc(callback=done)
+        async with asyncio.timeout(10):
+            return await fut
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--self", dest="self_addr", required=True)
+    ap.add_argument("--peers", default="")
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--ctl", type=int, required=True)
+    ap.add_argument("--mode", choices=["store", "raw"], default="store")
+    ap.add_argument("--no-fsync", action="store_true")
+    ap.add_argument("--compact", type=int, default=5000, help="logCompactionMinEntries")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    peers = [p for p in args.peers.split(",") if p]
+    data_dir = Path(args.dir)
+    store: Store | None = None
+    raw: RawNode | None = None
+    if args.mode == "store":
+        store = Store(
+            args.self_addr,
+            peers,
+            data_dir,
+            "bench-secret",
+            RaftConfig(
+                raft_port=int(args.self_addr.rsplit(":", 1)[1]),
+                fsync=not args.no_fsync,
+                log_compaction_min_entries=args.compact,
+            ),
+        )
+    else:
+        raw = RawNode(args.self_addr, peers, data_dir, fsync=not args.no_fsync)
+
+    async def write(name: str) -> Any:
+        if store is not None:
+            return await store.submit(network_cmd(name))
+        assert raw is not None
+        return await raw.write()
+
+    async def h_status(request: web.Request) -> web.Response:
+        if store is not None:
+            names = store.read(lambda s: sorted(n["name"] for n in s.networks.values()))
+            return web.json_response(
+                {
+                    "leader": store.is_leader(),
+                    "leader_addr": store.leader(),
+                    "term": store.term,
+                    "index": store.index,
+                    "networks": names,
+                    "syncs": store.journal.syncs if store.journal else 0,
+                    "cluster": store.read(lambda s: s.cluster is not None),
+                }
+            )
+        assert raw is not None
+        return web.json_response(
+            {
+                "leader": bool(raw.sync._isLeader()),
+                "leader_addr": None
+                if raw.sync._getLeader() is None
+                else raw.sync._getLeader().address,
+                "term": raw.sync.raftCurrentTerm,
+                "index": raw.counter.get(),
+                "networks": [],
+                "syncs": 0,
+                "cluster": True,
+            }
+        )
+
+    async def h_init(request: web.Request) -> web.Response:
+        if store is not None:
+            try:
+                await store.submit(CLUSTER_INIT)
+            except StoreError as e:
+                return web.json_response({"message": e.message}, status=e.status)
+        return web.json_response({"ok": True})
+
+    async def h_write(request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            result = await write(str(body["name"]))
+        except StoreError as e:
+            return web.json_response({"message": e.message}, status=e.status)
+        if isinstance(result, dict) and "error" in result:
+            return web.json_response({"message": result["error"]["message"]}, status=409)
+        return web.json_response({"ok": True})
+
+    async def h_bench(request: web.Request) -> web.Response:
+        body = await request.json()
+        n, window, prefix = int(body["n"]), int(body["window"]), str(body["prefix"])
+        sem = asyncio.Semaphore(window)
+        failures = 0
+
+        async def one(i: int) -> None:
+            nonlocal failures
+            try:
+                r = await write(f"{prefix}{i}")
+                if isinstance(r, dict) and "error" in r:
+                    failures += 1
+            except StoreError:
+                failures += 1
+            finally:
+                sem.release()
+
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            await sem.acquire()
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+        return web.json_response({"n": n, "elapsed": elapsed, "failures": failures})
+
+    app = web.Application()
+    app.router.add_get("/status", h_status)
+    app.router.add_post("/init", h_init)
+    app.router.add_post("/write", h_write)
+    app.router.add_post("/bench", h_bench)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.ctl).start()
+    print("READY", flush=True)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    assert threading.current_thread() is threading.main_thread()
+    asyncio.run(main())
