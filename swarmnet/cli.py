@@ -416,6 +416,10 @@ def cmd_agent(args) -> int:
         hostname=args.hostname or os.uname().nodename,
         netns_prefix=args.netns_prefix,
         insecure_tcp=args.insecure,
+        tlsverify=args.tlsverify,
+        tlscacert=Path(args.tlscacert) if args.tlscacert else None,
+        tlscert=Path(args.tlscert) if args.tlscert else None,
+        tlskey=Path(args.tlskey) if args.tlskey else None,
     )
     try:
         import uvloop
@@ -442,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--hostname")
     a.add_argument("--netns-prefix", default="swarmnet-", help="prefix of task sandbox namespaces")
     a.add_argument("--insecure", action="store_true", help="allow a TCP API on a non-loopback address WITHOUT authentication")
+    a.add_argument("--tlsverify", action="store_true", help="TCP API over TLS; clients need a certificate signed by --tlscacert")
+    a.add_argument("--tlscacert", help="with --tlsverify: the CA that signs API clients' certificates")
+    a.add_argument("--tlscert", help="with --tlsverify: the API server's certificate (chain)")
+    a.add_argument("--tlskey", help="with --tlsverify: the API server's key")
     a.add_argument("--debug", action="store_true")
     a.set_defaults(func=cmd_agent)
 

@@ -1,26 +1,30 @@
 """The manager role: the Raft store, the node channel on 2377, and the leader's loops.
 
-Node channel (workers <-> managers), HTTP on the manager's advertise address, port 2377:
-- ``POST /cluster/join``        {token, hostname, addr} -> {node_id, secret, cluster_id, managers}
-  (+ ``raft_password`` and ``raft_members`` for the manager token: the cluster secret that
-  keys pysyncobj's transport; the PKI work moves it under mutual TLS)
+Node channel (nodes <-> managers), HTTPS on the manager's advertise address, port 2377,
+TLS 1.3 with the manager's node certificate (docs/security.md):
+- ``GET  /cluster/ca``          the cluster CA certificate (PEM). Public, unauthenticated: a
+  joining node checks it against the digest in its token before sending anything.
+- ``POST /cluster/join``        {token, csr, hostname, addr} -> {node_id, role, cluster_id,
+  certificate, ca, managers} (+ ``raft_password`` and ``raft_members`` for the manager token:
+  safe, the joining node has pinned the CA and checked that we hold a manager certificate).
+  Authenticated by the token; the node has no certificate yet.
+- ``POST /cluster/renew``       {csr} -> {certificate, role}: a new certificate for the
+  caller's node id and the role the store holds now (expiry, promotion, demotion).
 - ``GET  /cluster/assignments`` ?index=N, long poll: the node's tasks, their networks and
   the endpoints of those networks (this slice's stand-in for gossip, issue 5), plus the
   manager list and the leader's address: workers follow the leader (it alone tracks
   heartbeats) and fail over to any other manager
 - ``POST /cluster/status``      {statuses: [{id, state, err, pid}]}
-Nodes authenticate with the per-node secret issued at join (``Authorization: Bearer
-<node_id>.<secret>``); the manager stores only its SHA-256. Mutual TLS replaces this in
-issue 4.
+Every path but the first two requires a client certificate from the cluster CA, checked on
+every request (``pki.authorize_peer``): revocation by ``node rm`` bites keep-alive
+connections too. The node id comes from the verified certificate, never from the request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +32,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from swarmnet.api.docker import join_token, new_id, random_b36, split_token
+from swarmnet import pki
+from swarmnet.api.docker import join_token, new_id
 from swarmnet.orchestrator import scheduler
 from swarmnet.raft.state import TASK_TERMINAL, ClusterState, service_network_ids
 from swarmnet.raft.store import RaftConfig, Store, StoreError
@@ -52,8 +57,20 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+# Paths a node without a certificate may call: the CA fetch and the join (the token
+# authenticates it). Everything else needs a valid, unrevoked node certificate.
+OPEN_PATHS = {("GET", "/cluster/ca"), ("POST", "/cluster/join")}
+# The verified caller, set by the authentication middleware.
+PEER = web.RequestKey("peer", pki.NodeIdentity)
+
+
+def certs_dir(data_dir: Path) -> Path:
+    """Where a node keeps its CA certificate, key and certificate (swarmkit's layout)."""
+    return data_dir / "certificates"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"message": message}, status=status)
 
 
 def assignment_for(state: ClusterState, node_id: str) -> dict:
@@ -134,6 +151,8 @@ class Manager:
         self._confirmed_term: int | None = None
         self._password = ""
         self._kick = asyncio.Event()
+        # The TLS context of the listening site; kept so a renewal can swap its credentials.
+        self.ssl_context: ssl.SSLContext | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -154,26 +173,52 @@ class Manager:
         self.store.on_change(self._kick.set)
         if wait_leader:
             await self.store.wait_leader()
-        app = web.Application(client_max_size=1 << 20)
+        certs = certs_dir(self.data_dir)
+        creds = pki.NodeCredentials.load(certs)
+        # Raises (RoleRejected, Expired...) for a worker or expired certificate: a node
+        # must not serve 2377 unless it holds a valid manager certificate.
+        self.ssl_context = pki.server_context(
+            pki.RootCA.load(certs).public(),
+            creds.cert_pem,
+            creds.key_pem,
+            require_client_cert=False,
+        )
+        app = web.Application(client_max_size=1 << 20, middlewares=[self._authn])
+        app.router.add_get("/cluster/ca", self._h_ca)
         app.router.add_post("/cluster/join", self._h_join)
+        app.router.add_post("/cluster/renew", self._h_renew)
         app.router.add_get("/cluster/assignments", self._h_assignments)
         app.router.add_post("/cluster/status", self._h_status)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.addr, CONTROL_PORT, reuse_address=True)
+        site = web.TCPSite(
+            self._runner,
+            self.addr,
+            CONTROL_PORT,
+            reuse_address=True,
+            ssl_context=self.ssl_context,
+        )
         await site.start()
         self._tasks.append(asyncio.create_task(self._leader_loop(), name="leader-loop"))
 
     async def init_cluster(
-        self, secret: str, pools: list[str] | None, subnet_size: int | None
+        self,
+        ca: pki.RootCA,
+        tokens: dict[str, str],
+        pools: list[str] | None,
+        subnet_size: int | None,
     ) -> dict:
-        """Commit the cluster record with this node as its first manager."""
-        assert self.store is not None
+        """Commit the cluster record with this node as its first manager. ``ca`` holds its
+        key (``swarm init`` made it); ``tokens`` are ``pki.new_tokens(ca.cert_pem)``."""
+        assert self.store is not None and ca.key_pem is not None
         cmd = {
             "op": "init",
-            "cluster_id": random_b36(25),
-            "tokens": {"worker": random_b36(25), "manager": random_b36(25)},
-            "digest": random_b36(50),
+            "cluster_id": ca.cluster_id,
+            # The record keeps each token's secret and the CA digest once (as before).
+            "tokens": {role: pki.parse_token(t).secret for role, t in tokens.items()},
+            "digest": ca.digest,
+            "ca_cert": ca.cert_pem.decode(),
+            "ca_key": ca.key_pem.decode(),
             "pools": pools,
             "subnet_size": subnet_size,
             "now": now_iso(),
@@ -182,7 +227,6 @@ class Manager:
                 "hostname": self.hostname,
                 "addr": self.addr,
                 "role": "manager",
-                "secret_hash": hash_secret(secret),
             },
         }
         return await self.store.submit(cmd)
@@ -267,43 +311,89 @@ class Manager:
 
     # ---- node channel ---------------------------------------------------------------
 
-    def _auth(self, request: web.Request) -> str:
+    def _cluster(self) -> dict | None:
+        """A copy of the cluster record (CA, tokens, revocation list), or None before init."""
         assert self.store is not None
-        header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer ") or "." not in header:
-            raise web.HTTPUnauthorized(text="missing node credentials")
-        node_id, _, secret = header[7:].partition(".")
-        want = self.store.read(lambda s: (s.nodes.get(node_id) or {}).get("secret_hash"))
-        if want is None or not hmac.compare_digest(want, hash_secret(secret)):
-            raise web.HTTPUnauthorized(text="unknown node or bad credentials")
-        return node_id
+        return self.store.read(
+            lambda s: (
+                None if s.cluster is None else dict(s.cluster, tokens=dict(s.cluster["tokens"]))
+            )
+        )
+
+    @web.middleware
+    async def _authn(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every request but the CA fetch and the join: a verified, unrevoked certificate of
+        this cluster. Checked per request, not per connection, so that ``node rm`` stops a
+        keep-alive connection at its next request."""
+        if (request.method, request.path) in OPEN_PATHS:
+            return await handler(request)
+        cluster = self._cluster()
+        if cluster is None:
+            return _error(503, "this manager has no swarm")
+        transport = request.transport
+        try:
+            ident = pki.authorize_peer(
+                None if transport is None else transport.get_extra_info("ssl_object"),
+                revoked=pki.RevocationList.from_json(cluster.get("revoked")),
+                cluster_id=cluster["id"],
+            )
+        except pki.CertificateRejected as e:
+            log.warning(
+                "node channel: %s %s refused from %s: %s",
+                request.method,
+                request.path,
+                request.remote,
+                e,
+            )
+            return _error(pki.http_status(e), str(e))
+        request[PEER] = ident
+        return await handler(request)
+
+    @staticmethod
+    def _node_id(request: web.Request) -> str:
+        return request[PEER].node_id
+
+    def _signing_ca(self, cluster: dict) -> pki.RootCA:
+        """The CA with its key, from the replicated record: every manager can sign, a
+        promoted one included, without a copy of the key on its disk."""
+        return pki.RootCA(cluster["ca_cert"].encode(), cluster["ca_key"].encode())
+
+    async def _h_ca(self, request: web.Request) -> web.Response:
+        cluster = self._cluster()
+        if cluster is None or not cluster.get("ca_cert"):
+            return _error(503, "this manager has no swarm")
+        return web.Response(text=cluster["ca_cert"], content_type="application/x-pem-file")
 
     async def _h_join(self, request: web.Request) -> web.Response:
         assert self.store is not None
         try:
             body = await request.json()
-            digest, secret = split_token(body.get("token"))
         except Exception:
-            return web.json_response({"message": "invalid join token"}, status=400)
-        cluster = self.store.read(
-            lambda s: s.cluster and dict(s.cluster, tokens=dict(s.cluster["tokens"]))
-        )
+            return _error(400, "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        cluster = self._cluster()
         if cluster is None:
-            return web.json_response({"message": "this manager has no swarm"}, status=503)
-        role = None
-        if hmac.compare_digest(digest, cluster["digest"]):
-            for r, s in cluster["tokens"].items():
-                if hmac.compare_digest(secret, s):
-                    role = r
-        if role is None:
+            return _error(503, "this manager has no swarm")
+        try:
+            pki.parse_token(body.get("token"))
+        except pki.InvalidToken as e:
+            return _error(400, str(e))
+        tokens = {r: join_token(cluster["digest"], s) for r, s in cluster["tokens"].items()}
+        try:
+            role = pki.role_for_token(body.get("token"), tokens)
+        except (pki.InvalidToken, pki.CAPinMismatch) as e:
             log.warning("join refused from %s: wrong token", request.remote)
-            return web.json_response(
-                {"message": "invalid join token: it does not match this swarm's tokens"}, status=403
-            )
+            return _error(403, str(e))
         hostname = str(body.get("hostname") or "")[:64]
         addr = str(body.get("addr") or request.remote or "")
         node_id = new_id()
-        node_secret = secrets.token_urlsafe(32)
+        try:
+            certificate = pki.issue_node_cert(
+                self._signing_ca(cluster), body.get("csr"), node_id, role, cluster["id"]
+            )
+        except pki.InvalidCSR as e:
+            return _error(400, f"csr: {e}")
         try:
             result = await self.store.submit(
                 {
@@ -312,7 +402,6 @@ class Manager:
                     "hostname": hostname,
                     "addr": addr,
                     "role": role,
-                    "secret_hash": hash_secret(node_secret),
                     "now": now_iso(),
                 }
             )
@@ -329,9 +418,10 @@ class Manager:
         managers, _ = self.control_addrs()
         out = {
             "node_id": node_id,
-            "secret": node_secret,
             "role": role,
             "cluster_id": cluster["id"],
+            "certificate": certificate.decode(),
+            "ca": cluster["ca_cert"],
             "managers": managers,
         }
         if role == "manager":
@@ -339,9 +429,35 @@ class Manager:
             out["raft_members"] = self.raft_members()
         return web.json_response(out)
 
+    async def _h_renew(self, request: web.Request) -> web.Response:
+        """A new certificate for the caller's node id, in the role the store holds NOW: how
+        promotion and demotion reach the certificate, and how a node outlives 90 days."""
+        assert self.store is not None
+        node_id = self._node_id(request)
+        try:
+            body = await request.json()
+        except Exception:
+            return _error(400, "the body must be a JSON object")
+        cluster = self._cluster()
+        role = self.store.read(lambda s: (s.nodes.get(node_id) or {}).get("role"))
+        if cluster is None or role is None:
+            return _error(403, f"node {node_id} is not part of this swarm")
+        try:
+            certificate = pki.issue_node_cert(
+                self._signing_ca(cluster),
+                body.get("csr") if isinstance(body, dict) else None,
+                node_id,
+                role,
+                cluster["id"],
+            )
+        except pki.InvalidCSR as e:
+            return _error(400, f"csr: {e}")
+        log.info("renewed the certificate of node %s (%s)", node_id, role)
+        return web.json_response({"certificate": certificate.decode(), "role": role})
+
     async def _h_assignments(self, request: web.Request) -> web.Response:
         assert self.store is not None
-        node_id = self._auth(request)
+        node_id = self._node_id(request)
         self._seen(node_id)
         try:
             since = int(request.query.get("index", "-1"))
@@ -361,7 +477,7 @@ class Manager:
 
     async def _h_status(self, request: web.Request) -> web.Response:
         assert self.store is not None
-        node_id = self._auth(request)
+        node_id = self._node_id(request)
         self._seen(node_id)
         body = await request.json()
         statuses = [

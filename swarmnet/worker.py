@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class WorkerConfig:
     resync_s: float = 30.0  # full reconcile even without news: repairs what someone else broke
     retry_min_s: float = 0.2  # manager unreachable: back off from here...
     retry_max_s: float = 5.0  # ...up to here, with jitter
+    refused_retry_s: float = 30.0  # 401/403 (removed, bad certificate): retry slowly
     status_flush_s: float = 0.05  # coalesce task state reports into one request
     request_timeout_s: float = 30.0  # > the manager's long-poll hold time
 
@@ -48,7 +50,7 @@ class Worker:
         self,
         *,
         node_id: str,
-        secret: str,
+        ssl_context: ssl.SSLContext,
         managers: list[str],
         vtep: str,
         data_dir: Path,
@@ -57,7 +59,9 @@ class Worker:
         config: WorkerConfig | None = None,
     ):
         self.node_id = node_id
-        self._secret = secret
+        # pki.client_context: our certificate, the cluster CA pinned, the server must hold a
+        # manager certificate. The agent swaps the credentials in it on renewal.
+        self._ssl = ssl_context
         self.managers = list(managers)
         self.vtep = vtep
         self.netns_prefix = netns_prefix
@@ -84,7 +88,7 @@ class Worker:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s),
-            headers={"Authorization": f"Bearer {self.node_id}.{self._secret}"},
+            connector=aiohttp.TCPConnector(ssl=self._ssl),
         )
         await self.supervisor.start()
         self._tasks.append(asyncio.create_task(self._follow(), name="worker-follow"))
@@ -102,7 +106,24 @@ class Worker:
     # ---- talking to the manager -----------------------------------------------------
 
     def _url(self, path: str) -> str:
-        return f"http://{self.managers[0]}{path}"
+        return f"https://{self.managers[0]}{path}"
+
+    async def renew(self, csr_pem: bytes) -> dict:
+        """POST /cluster/renew to the managers in turn: {certificate, role}. Raises the last
+        error if none answers."""
+        assert self._session is not None
+        last: Exception = ConnectionError("no manager")
+        for _ in range(len(self.managers)):
+            try:
+                async with self._session.post(
+                    self._url("/cluster/renew"), json={"csr": csr_pem.decode()}
+                ) as resp:
+                    resp.raise_for_status()
+                    return await resp.json()
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                last = e
+                self._next_manager()
+        raise last
 
     async def _follow(self) -> None:
         index = -1
@@ -113,9 +134,17 @@ class Worker:
                 async with self._session.get(
                     self._url("/cluster/assignments"), params={"index": str(index)}
                 ) as resp:
-                    if resp.status == 401:
-                        log.error("the manager does not know this node (removed?); retrying")
-                        raise ConnectionError("unauthorized")
+                    if resp.status in (401, 403):
+                        text = await resp.text()
+                        log.error(
+                            "manager %s REFUSES this node (HTTP %d: %s): removed from the "
+                            "swarm (node rm) or a bad certificate; retrying slowly",
+                            self.managers[0],
+                            resp.status,
+                            text.strip()[:200],
+                        )
+                        delay = self.config.refused_retry_s
+                        raise ConnectionError(f"refused: HTTP {resp.status}")
                     resp.raise_for_status()
                     assignment = await resp.json()
                 delay = self.config.retry_min_s
@@ -125,7 +154,7 @@ class Worker:
                 log.warning("assignments from %s: %s", self.managers[0], e)
                 self._next_manager()
                 await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.config.retry_max_s)
+                delay = min(delay * 2, max(delay, self.config.retry_max_s))
                 continue
             index = assignment["index"]
             self.assignment = assignment
@@ -209,7 +238,9 @@ class Worker:
         if assignment is None:
             return
         async with self._kernel_lock:
-            running = [t for t in assignment["tasks"] if t["desired_state"] == "running" and t["spec"]]
+            running = [
+                t for t in assignment["tasks"] if t["desired_state"] == "running" and t["spec"]
+            ]
             wanted = {t["id"] for t in running}
             # 1. Stop processes first, so that their sandboxes can go afterwards.
             for t in assignment["tasks"]:
@@ -258,7 +289,9 @@ class Worker:
                         )
                     )
         remotes = tuple(
-            RemoteEndpoint(network_id=e["network_id"], ip=e["address"].split("/")[0], vtep=e["vtep"])
+            RemoteEndpoint(
+                network_id=e["network_id"], ip=e["address"].split("/")[0], vtep=e["vtep"]
+            )
             for e in assignment["endpoints"]
             if e["vtep"] != self.vtep
         )
@@ -277,7 +310,10 @@ class Worker:
 
     def _task_spec(self, t: dict) -> TaskSpec:
         spec = t["spec"]
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+        }
         for item in spec["TaskTemplate"]["ContainerSpec"].get("Env") or []:
             k, _, v = item.partition("=")
             env[k] = v

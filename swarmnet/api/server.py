@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from swarmnet.api import docker as D
+from swarmnet.pki import new_secret
 from swarmnet.raft.state import ClusterState, CommandError
 from swarmnet.raft.store import StoreError
 
@@ -195,7 +196,7 @@ class API:
         for role in ("worker", "manager"):
             if request.query.get(f"rotate{role.capitalize()}Token") in ("1", "true", "True"):
                 await self._submit(
-                    {"op": "rotate_token", "role": role, "secret": D.random_b36(25), "now": _now()}
+                    {"op": "rotate_token", "role": role, "secret": new_secret(), "now": _now()}
                 )
         return web.Response(status=200)
 

@@ -99,7 +99,13 @@ class ClusterState:
             "updated": cmd["now"],
             "version": idx,
             "tokens": dict(cmd["tokens"]),  # role -> secret part of the join token
-            "digest": cmd["digest"],
+            "digest": cmd["digest"],  # base36 SHA-256 of the CA certificate (swarmnet.pki)
+            # The cluster CA, so that any manager can sign (docs/security.md). The key makes
+            # the Raft journal and dump as sensitive as the key itself: 0600 files.
+            "ca_cert": cmd.get("ca_cert"),
+            "ca_key": cmd.get("ca_key"),
+            # swarmnet.pki.RevocationList.to_json(): node ids removed by ``node rm``.
+            "revoked": {"node_ids": [], "serials": []},
             "pools": list(cmd.get("pools") or ["10.0.0.0/8"]),
             "subnet_size": cmd.get("subnet_size") or 24,
         }
@@ -126,7 +132,6 @@ class ClusterState:
             "role": cmd["role"],
             "availability": "active",
             "state": "ready",
-            "secret_hash": cmd["secret_hash"],
             "created": cmd["now"],
             "updated": cmd["now"],
             "version": idx,
@@ -217,6 +222,13 @@ class ClusterState:
                 task["status"] = {"state": "orphaned", "err": "node removed", "ts": cmd["now"]}
                 task["version"] = self._bump()
         del self.nodes[node["id"]]
+        # Revoke: its certificate names this id; the node channel refuses it from now on,
+        # on new and already open connections alike. Node ids are never reused.
+        cluster = self.cluster
+        if cluster is not None:
+            revoked = cluster.setdefault("revoked", {"node_ids": [], "serials": []})
+            if node["id"] not in revoked["node_ids"]:
+                revoked["node_ids"] = sorted([*revoked["node_ids"], node["id"]])
         self._bump()
         return {"ok": True}
 
