@@ -644,6 +644,10 @@ def _forget_loop_signals() -> None:
 
 
 async def run_agent(opts: AgentOptions, kernel: Kernel | None = None) -> None:
+    # Every file the agent writes is private by default: the Raft journal and dump hold the
+    # CA key and the join tokens, node.json and certificates/ the node's identity. Files
+    # meant to be shared (the API socket) are chmod'ed explicitly; tasks get umask 022 back.
+    os.umask(0o077)
     global _fork_hook_registered
     if not _fork_hook_registered:  # process-wide and irrevocable: once per process
         os.register_at_fork(after_in_child=_forget_loop_signals)

@@ -26,11 +26,11 @@ from swarmnet.overlay.plan import (
     LocalAttachment,
     NodeOverlay,
     OverlayNetwork,
-    RemoteEndpoint,
     sandbox_name,
 )
 from swarmnet.overlay.reconciler import OverlayReconciler
 from swarmnet.runtime.supervisor import Supervisor, TaskSpec
+from swarmnet.sandbox_hooks import AssignmentEndpoints, EndpointSource, SandboxHook
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ class Worker:
         self._underlay_mtu: int | None = None
         self._stopping: set[str] = set()
         self.reconcile_errors = 0
+        # Seams (swarmnet/sandbox_hooks.py): where remote endpoints come from, and the
+        # per-sandbox services (DNS, LB) the agent plugs in.
+        self.endpoints: EndpointSource = AssignmentEndpoints()
+        self.hooks: list[SandboxHook] = []
         # Every kernel call runs on this one thread: pyroute2's sync sockets keep per-thread
         # state and run their own (non-uvloop) event loop, which cannot live on the agent's
         # uvloop thread; one thread also serialises kernel programming.
@@ -99,6 +103,8 @@ class Worker:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.supervisor.close()  # leaves task processes running for the next agent
+        for hook in self.hooks:
+            await hook.close()
         if self._session is not None:
             await self._session.close()
         self._kx.shutdown(wait=True)
@@ -288,13 +294,7 @@ class Worker:
                             ifname=f"eth{i}",
                         )
                     )
-        remotes = tuple(
-            RemoteEndpoint(
-                network_id=e["network_id"], ip=e["address"].split("/")[0], vtep=e["vtep"]
-            )
-            for e in assignment["endpoints"]
-            if e["vtep"] != self.vtep
-        )
+        remotes = tuple(r for r in self.endpoints.remotes(assignment) if r.vtep != self.vtep)
         return NodeOverlay(
             vtep=self.vtep,
             underlay_mtu=mtu,

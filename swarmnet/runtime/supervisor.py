@@ -452,6 +452,7 @@ class Supervisor:
                     cwd="/",  # like docker's default WORKDIR; never pin the agent's cwd
                     start_new_session=True,
                     close_fds=True,
+                    umask=0o022,  # the agent runs with 077 (private data files); tasks get the usual
                 )
             finally:
                 os.close(logfd)
