@@ -547,9 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("command", nargs=argparse.REMAINDER)
     x.set_defaults(func=cmd_exec)
 
+    from swarmnet.gossip.cli import register as register_gossip
     from swarmnet.lab.cli import register as register_lab
 
     register_lab(sub)
+    register_gossip(sub)
     return p
 
 
