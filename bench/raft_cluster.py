@@ -40,8 +40,10 @@ class Cluster:
         compact: int = 5000,
         base: str = "127.0.0",
         first_host: int = 61,
+        extra_args: tuple[str, ...] = (),
     ):
         self.mode, self.fsync, self.compact = mode, fsync, compact
+        self.extra_args = list(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="snraft-"))
         self.hosts = [f"{base}.{first_host + i}" for i in range(n)]
         self.raft = [f"{h}:{free_port(h)}" for h in self.hosts]
@@ -59,6 +61,7 @@ class Cluster:
         ]  # fmt: skip
         if not self.fsync:
             argv.append("--no-fsync")
+        argv += self.extra_args
         log = open(self.dir / f"n{i}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.procs[i] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=env)
@@ -79,6 +82,18 @@ class Cluster:
 
     def alive(self) -> list[int]:
         return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
+
+    def cpu_seconds(self) -> float:
+        """user + system CPU time of the live node processes, every thread included. Per
+        write, it is the cost that the machine's load does not change (unlike writes/s)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for i in self.alive():
+            p = self.procs[i]
+            assert p is not None
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return total
 
     def close(self) -> None:
         for i in range(len(self.procs)):

@@ -2,8 +2,9 @@
 
 ``--mode store``: swarmnet's Store (ClusterState behind pysyncobj, group-commit journal);
 ``--mode raw``: a bare pysyncobj ReplCounter with the same SyncObjConf (journal + dump,
-appendEntriesUseBatch=False) and the same asyncio bridge, so the two differ only in what a
-command does. A tiny HTTP control server (aiohttp, 127.0.0.1:--ctl) drives it:
+appendEntriesUseBatch=False) and an asyncio bridge, so the two differ in what a command does
+and in our layer; ``--mode raw-state``: the same bare pysyncobj running the Store's
+ClusterState.apply on the same commands, so the two differ only in our layer. A tiny HTTP control server (aiohttp, 127.0.0.1:--ctl) drives it:
 
 - ``GET  /status``           role, leader, term, index, the set of network names
 - ``POST /init``             commit the cluster record (store mode, once, on the leader)
@@ -50,16 +51,74 @@ def network_cmd(name: str) -> dict:
     return {"op": "create_network", "id": name, "name": name, "now": "2026-01-01T00:00:00Z"}
 
 
-class RawNode:
-    """pysyncobj's own ReplCounter, same conf as the Store, same future bridge."""
+def _state_consumer() -> Any:
+    """A bare pysyncobj consumer doing the Store's state-machine work: the same
+    ClusterState.apply of the same command dict (so the same IPAM allocations), with none of
+    the Store around it (no msgpack, lock, group commit, batched delivery)."""
+    from pysyncobj import SyncObjConsumer, replicated
 
-    def __init__(self, self_addr: str, peers: list[str], data_dir: Path, fsync: bool):
+    from swarmnet.raft.state import ClusterState
+
+    class RawState(SyncObjConsumer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state = ClusterState()
+
+        @replicated
+        def apply(self, cmd: dict) -> dict:
+            return self.state.apply(cmd)
+
+    return RawState()
+
+
+def index_network_names() -> None:
+    """EXPERIMENT (``--name-index``), not what swarmnet ships: give ClusterState a
+    name -> id index so that ``network_by_name`` is O(1), to measure what that change in
+    swarmnet/raft/state.py would buy (its linear scan over every network is the largest
+    single cost of create_network once thousands of networks exist). The index is exact:
+    networks are only ever added by ``_cmd_create_network`` (wrapped here), and a removed
+    one is caught by checking the name of the network an entry points at."""
+    from swarmnet.raft.state import ClusterState
+
+    create = ClusterState._cmd_create_network
+
+    def index(self: Any) -> dict[str, str]:
+        idx = self.__dict__.get("_bench_names")
+        if idx is None:
+            idx = {n["name"]: nid for nid, n in self.networks.items()}
+            self.__dict__["_bench_names"] = idx
+        return idx
+
+    def network_by_name(self: Any, name: str) -> dict | None:
+        net = self.networks.get(index(self).get(name, ""))
+        return net if net is not None and net["name"] == name else None
+
+    def create_network(self: Any, cmd: dict) -> dict:
+        result = create(self, cmd)
+        net = self.networks.get(cmd["id"])
+        if net is not None:
+            index(self)[net["name"]] = cmd["id"]
+        return result
+
+    ClusterState.network_by_name = network_by_name  # type: ignore[method-assign]
+    ClusterState._cmd_create_network = create_network  # type: ignore[method-assign]
+
+
+class RawNode:
+    """pysyncobj's own ReplCounter (``--mode raw``) or the bare state consumer above
+    (``--mode raw-state``), same conf as the Store, a future bridge with one
+    call_soon_threadsafe per command (pysyncobj's plain callback pattern)."""
+
+    def __init__(
+        self, self_addr: str, peers: list[str], data_dir: Path, fsync: bool, state: bool = False
+    ):
         from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
         from pysyncobj.batteries import ReplCounter
 
         self._ok = FAIL_REASON.SUCCESS
         self.loop = asyncio.get_running_loop()
         self.counter = ReplCounter()
+        self.consumer = _state_consumer() if state else None
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = SyncObjConf(
             password="bench",
@@ -70,9 +129,10 @@ class RawNode:
             connectionRetryTime=1.0,
             dynamicMembershipChange=True,
         )
-        self.sync = SyncObj(self_addr, peers, conf=conf, consumers=[self.counter])
+        consumers = [self.counter] if self.consumer is None else [self.consumer]
+        self.sync = SyncObj(self_addr, peers, conf=conf, consumers=consumers)
 
-    async def write(self) -> Any:
+    async def write(self, cmd: dict | None = None) -> Any:
         fut = self.loop.create_future()
 
         def done(res: Any, err: int) -> None:
@@ -85,7 +145,10 @@ class RawNode:
 
             self.loop.call_soon_threadsafe(resolve)
 
-        self.counter.inc(callback=done)
+        if self.consumer is not None and cmd is not None:
+            self.consumer.apply(cmd, callback=done)
+        else:
+            self.counter.inc(callback=done)
         async with asyncio.timeout(10):
             return await fut
 
@@ -96,10 +159,13 @@ async def main() -> None:
     ap.add_argument("--peers", default="")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--ctl", type=int, required=True)
-    ap.add_argument("--mode", choices=["store", "raw"], default="store")
+    ap.add_argument("--mode", choices=["store", "raw", "raw-state"], default="store")
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--compact", type=int, default=5000, help="logCompactionMinEntries")
+    ap.add_argument("--name-index", action="store_true", help="experiment: see index_network_names")
     args = ap.parse_args()
+    if args.name_index:
+        index_network_names()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     peers = [p for p in args.peers.split(",") if p]
     data_dir = Path(args.dir)
@@ -118,13 +184,15 @@ async def main() -> None:
             ),
         )
     else:
-        raw = RawNode(args.self_addr, peers, data_dir, fsync=not args.no_fsync)
+        raw = RawNode(
+            args.self_addr, peers, data_dir, fsync=not args.no_fsync, state=args.mode != "raw"
+        )
 
     async def write(name: str) -> Any:
         if store is not None:
             return await store.submit(network_cmd(name))
         assert raw is not None
-        return await raw.write()
+        return await raw.write(network_cmd(name))
 
     async def h_status(request: web.Request) -> web.Response:
         if store is not None:
@@ -137,10 +205,14 @@ async def main() -> None:
                     "index": store.index,
                     "networks": names,
                     "syncs": store.journal.syncs if store.journal else 0,
+                    "sync_s": getattr(store.journal, "sync_seconds", 0.0),
                     "cluster": store.read(lambda s: s.cluster is not None),
                 }
             )
         assert raw is not None
+        names: list[str] = []
+        if raw.consumer is not None:
+            names = sorted(n["name"] for n in raw.consumer.state.networks.values())
         return web.json_response(
             {
                 "leader": bool(raw.sync._isLeader()),
@@ -148,19 +220,21 @@ async def main() -> None:
                 if raw.sync._getLeader() is None
                 else raw.sync._getLeader().address,
                 "term": raw.sync.raftCurrentTerm,
-                "index": raw.counter.get(),
-                "networks": [],
+                "index": raw.counter.get() if raw.consumer is None else raw.consumer.state.index,
+                "networks": names,
                 "syncs": 0,
                 "cluster": True,
             }
         )
 
     async def h_init(request: web.Request) -> web.Response:
-        if store is not None:
-            try:
+        try:
+            if store is not None:
                 await store.submit(CLUSTER_INIT)
-            except StoreError as e:
-                return web.json_response({"message": e.message}, status=e.status)
+            elif raw is not None and raw.consumer is not None:
+                await raw.write(CLUSTER_INIT)
+        except StoreError as e:
+            return web.json_response({"message": e.message}, status=e.status)
         return web.json_response({"ok": True})
 
     async def h_write(request: web.Request) -> web.Response:

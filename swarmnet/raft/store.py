@@ -2,8 +2,10 @@
 
 pysyncobj runs its own tick thread (autoTick; the ONLY ticking strategy: nothing here calls
 doTick), and only that thread applies commands. The event loop never blocks on Raft:
-``submit`` hands a command to pysyncobj's queue with a callback that resolves an asyncio
-future through ``call_soon_threadsafe``; everything else the loop calls is a plain attribute
+``submit`` hands a command to pysyncobj's queue with a callback that records the result
+and wakes the loop once per burst of results (``call_soon_threadsafe``); change listeners
+are notified at most once per tick (per-command wake-ups cost a third of a follower's CPU
+in bench/raft_ipam.py); everything else the loop calls is a plain attribute
 read (``_isLeader``, ``_getLeader``, ``raftCurrentTerm``, a set copy or a membership test),
 never a wait. Reads take a lock shared with the apply path (held only for one tiny command)
 and copy what they need, so the API never sees a half-applied command.
@@ -31,6 +33,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +73,13 @@ class StoreError(Exception):
 
 
 class _Replica(SyncObjConsumer):
-    def __init__(self, lock: threading.Lock, on_apply: Callable[[], None]):
+    def __init__(self, lock: threading.Lock):
         # Attributes set before SyncObjConsumer.__init__ are excluded from the dump.
         self._lock = lock
-        self._on_apply = on_apply
+        # Set by every apply (tick thread); Store._on_tick (end of the tick) or Store._flush
+        # (loop, with results) clears it and notifies: once per tick, not once per command.
+        # A set racing a clear is harmless: the notification runs after both applies.
+        self.applied = False
         super().__init__()
         self.state = ClusterState()
 
@@ -82,13 +88,13 @@ class _Replica(SyncObjConsumer):
         cmd = msgpack.unpackb(blob, raw=False)
         with self._lock:
             result = self.state.apply(cmd)
-        self._on_apply()
+        self.applied = True
         return result
 
     def _deserialize(self, data: Any) -> None:
         with self._lock:
             super()._deserialize(data)
-        self._on_apply()
+        self.applied = True
 
 
 class Store:
@@ -106,8 +112,16 @@ class Store:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
-        self._notify_pending = False
-        self._replica = _Replica(self._lock, self._notify_from_thread)
+        # Futures whose command committed, with their results: appended by pysyncobj's
+        # callbacks on the tick thread; ONE call_soon_threadsafe (self-pipe write, GIL
+        # hand-over) wakes the loop for all that pile up until it runs (_flush). The first
+        # result of a burst is delivered at once, not at the end of the tick: the caller's
+        # next command then reaches pysyncobj's queue in time for this tick's
+        # _checkCommandsToApply (one-at-a-time writes lost a poll cycle otherwise).
+        # deque: append (tick thread) and popleft (loop) are thread-safe.
+        self._resolved: deque[tuple[asyncio.Future, Any, int]] = deque()
+        self._flush_scheduled = False
+        self._replica = _Replica(self._lock)
         self._last_tick = time.monotonic()
         self._tick_jobs: list[Callable[[], None]] = []  # list.append/pop: atomic under the GIL
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +166,12 @@ class Store:
                 job()
             except Exception:
                 log.exception("Raft tick job failed")
+        # Runs after this tick's applies: one change notification per tick, not one per
+        # command (a wake-up per command cost a third of a follower's CPU in
+        # bench/raft_ipam.py). _flush may have sent it already, with a result.
+        if self._replica.applied:
+            self._replica.applied = False
+            self._call_soon(self._notify)
 
     def run_on_tick(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the tick thread: pysyncobj calls that touch the transport directly
@@ -184,19 +204,23 @@ class Store:
 
     # ---- change notification ---------------------------------------------------------
 
-    def _notify_from_thread(self) -> None:
-        # Coalesced: one loop wake-up per burst of applied commands, not one per command
-        # (a wake-up per command cost a third of the throughput in bench/raft_ipam.py).
-        if self._notify_pending:
-            return
-        self._notify_pending = True
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._notify)
+            self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
             pass  # loop closed during shutdown
 
+    def _flush(self) -> None:
+        """On the loop: every result recorded so far. The change notification first, as
+        before the batching (a waiter woken by a result sees its change notified)."""
+        self._flush_scheduled = False  # before draining: a later append schedules again
+        if self._replica.applied:
+            self._replica.applied = False
+            self._notify()
+        while self._resolved:
+            _resolve(*self._resolved.popleft())
+
     def _notify(self) -> None:
-        self._notify_pending = False
         self._changed.set()
         self._changed = asyncio.Event()
         for fn in list(self._listeners):
@@ -278,19 +302,15 @@ class Store:
     def _future_callback(self) -> tuple[asyncio.Future, Callable[[Any, int], None]]:
         fut: asyncio.Future = self._loop.create_future()
 
-        def done(result: Any, error: int) -> None:  # runs on the tick thread
-            def resolve() -> None:
-                if fut.done():
-                    return
-                if error == FAIL_REASON.SUCCESS:
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(StoreError(503, _fail_message(error)))
-
-            try:
-                self._loop.call_soon_threadsafe(resolve)
-            except RuntimeError:
-                pass  # loop closed
+        def done(result: Any, error: int) -> None:
+            if error != FAIL_REASON.SUCCESS:
+                # Rare, and possibly from another thread (QUEUE_FULL from the caller's).
+                self._call_soon(_resolve, fut, result, error)
+                return
+            self._resolved.append((fut, result, error))  # tick thread only
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._call_soon(self._flush)
 
         return fut, done
 
@@ -340,6 +360,15 @@ class Store:
         """Stop and wait for the tick thread (off the loop), so the port is free again."""
         self.close()
         await asyncio.get_running_loop().run_in_executor(None, self._sync.destroy_synchronous)
+
+
+def _resolve(fut: asyncio.Future, result: Any, error: int) -> None:
+    if fut.done():
+        return  # timed out (cancelled) meanwhile
+    if error == FAIL_REASON.SUCCESS:
+        fut.set_result(result)
+    else:
+        fut.set_exception(StoreError(503, _fail_message(error)))
 
 
 def _fail_message(code: int) -> str:
