@@ -28,9 +28,12 @@ from aiohttp import web
 from swarmnet import pki
 from swarmnet.api import docker as D
 from swarmnet.api.server import make_app
+from swarmnet.gossip_endpoints import GossipEndpoints
+from swarmnet.ipsec_hook import hook_for as ipsec_hook_for
 from swarmnet.kernel.types import Kernel
 from swarmnet.manager import CONTROL_PORT, Manager, certs_dir
 from swarmnet.raft.state import CommandError
+from swarmnet.services_hook import ServicesHook
 from swarmnet.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class Agent:
         self.kernel = kernel
         self.manager: Manager | None = None
         self.worker: Worker | None = None
+        self.gossip: GossipEndpoints | None = None
         self.identity: dict | None = None
         self._runner: web.AppRunner | None = None
         self._busy = asyncio.Lock()
@@ -179,6 +183,9 @@ class Agent:
             self._roles_task = None
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.gossip is not None:
+            await self.gossip.close()
+            self.gossip = None
         if self.worker is not None:
             await self.worker.close()
         if self.manager is not None:
@@ -241,11 +248,67 @@ class Agent:
             netns_prefix=self.opts.netns_prefix,
             kernel=self.kernel,
         )
+        if hasattr(self.worker, "hooks"):  # not a stand-in worker (API unit tests)
+            self.worker.hooks.append(ServicesHook())  # embedded DNS, VIPs, mesh (issue 6)
+        self.worker.ipsec = ipsec_hook_for(self.kernel, self.opts.data_dir)  # --opt encrypted
+        await self._start_gossip(self.worker)
         await self.worker.start()
         if self._roles_task is None:
             self._roles_task = asyncio.create_task(self._follow_role(), name="agent-role")
         if self._renew_task is None:
             self._renew_task = asyncio.create_task(self._renew_loop(), name="agent-renew")
+
+    # ---- gossip ---------------------------------------------------------------------
+
+    async def _start_gossip(self, worker: Worker) -> None:
+        """Every node gossips on ADVERTISE:7946, named by its node id, with the managers'
+        key ring (join answer or node.json; after ``init``: the first assignment). The
+        overlay's remote endpoints come from the gossip tables from now on."""
+        ident = self.identity
+        assert ident is not None
+        if not hasattr(worker, "on_assignment"):
+            return  # a stand-in worker (API unit tests): nothing to feed
+        if self.gossip is not None:
+            await self.gossip.close()
+        g = GossipEndpoints(
+            ident["node_id"],
+            self.opts.advertise_addr,
+            keys=ident.get("gossip"),
+            on_keys=self._save_gossip_keys,
+            request_sync=worker.request_sync,
+            seeds=[m.rsplit(":", 1)[0] for m in ident.get("managers") or []],
+        )
+        worker.endpoints = g
+        worker.on_assignment.append(g.on_assignment)
+        worker.gossip_ack = lambda: g.gossip_ack
+        self.gossip = g
+        await g.start()
+
+    def _save_gossip_keys(self, record: dict) -> None:
+        """node.json (0600) keeps the ring, so a restarted node gossips before it reaches
+        a manager."""
+        if self.identity is None or self.identity.get("gossip") == record:
+            return
+        self.identity["gossip"] = dict(record)
+        write_atomic(self._identity_path, json.dumps(self.identity).encode())
+
+    def gossip_status(self) -> dict:
+        g = self.gossip
+        node = g.node if g is not None else None
+        if node is None:
+            return {"running": False}
+        return {
+            "running": True,
+            "name": node.name,
+            "address": f"{node.address[0]}:{node.address[1]}",
+            "members": [
+                {"name": m.name, "addr": f"{m.address[0]}:{m.address[1]}", "state": m.state.name}
+                for m in node.members(include_dead=True)
+            ],
+            "networks": {nid: len(node.entries(nid)) for nid in sorted(node.networks())},
+            "keys": len(node.keyring.keys),
+            "metrics": node.metrics(),
+        }
 
     # ---- certificates ---------------------------------------------------------------
 
@@ -473,6 +536,11 @@ class Agent:
                     "role": data["role"],
                     "managers": data["managers"],
                 }
+                if isinstance(data.get("gossip"), dict):
+                    self.identity["gossip"] = {
+                        "keys": list(data["gossip"].get("keys") or []),
+                        "primary": data["gossip"].get("primary"),
+                    }
                 if data["role"] == "manager":
                     self.identity["raft_password"] = data["raft_password"]
                     self.identity["raft_members"] = data["raft_members"]
@@ -565,6 +633,9 @@ class Agent:
                     "You are attempting to leave the swarm on a node that is participating as a manager. "
                     "Removing the last manager erases all current state of the swarm. Use --force to ignore this message.",
                 )
+            if self.gossip is not None:
+                await self.gossip.close(leave=True)
+                self.gossip = None
             if self.worker is not None:
                 for t in list(self.worker.supervisor.tasks()):
                     await self.worker.supervisor.stop(t)

@@ -97,6 +97,12 @@ def cmd_swarm_join(args) -> int:
     return 0
 
 
+def cmd_swarm_rotate_gossip_key(args) -> int:
+    _client(args).post("/swarmnet/rotate-gossip-key", {})
+    print("Gossip key rotated on every node.")
+    return 0
+
+
 def cmd_swarm_join_token(args) -> int:
     c = _client(args)
     if args.rotate:
@@ -259,8 +265,48 @@ def _service_body(args) -> dict:
             "Networks": [{"Target": n} for n in args.network or []],
         },
         "Mode": {"Replicated": {"Replicas": args.replicas}},
-        "EndpointSpec": {"Mode": args.endpoint_mode},
+        "EndpointSpec": {"Mode": args.endpoint_mode}
+        | ({"Ports": [parse_publish(p) for p in args.publish]} if args.publish else {}),
     }
+
+
+def parse_publish(text: str) -> dict:
+    """``--publish`` as docker takes it: ``[mode=ingress|host,]PUBLISHED:TARGET[/tcp|udp]``,
+    ``TARGET`` alone (a published port is picked), or the long form
+    ``published=8080,target=80,protocol=tcp,mode=host``. Values are checked by the API,
+    which names the field at fault; here only the shape is parsed."""
+    port: dict = {}
+    short = None
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if short is not None:
+                raise APIError(400, f"invalid --publish {text!r}")
+            short = part
+            continue
+        key = key.strip().lower()
+        fields = {"published": "PublishedPort", "target": "TargetPort",
+                  "protocol": "Protocol", "mode": "PublishMode"}
+        if key not in fields:
+            raise APIError(400, f"invalid --publish {text!r}: unknown field {key!r}")
+        port[fields[key]] = _port_value(value) if key in ("published", "target") else value
+    if short is not None:
+        spec, _, proto = short.partition("/")
+        if proto:
+            port["Protocol"] = proto
+        published, colon, target = spec.rpartition(":")
+        port["TargetPort"] = _port_value(target)
+        if colon:
+            port["PublishedPort"] = _port_value(published)
+    return port
+
+
+def _port_value(value: str):
+    """An int when it is one; anything else goes to the API as is (it names the field)."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
 
 
 def _wait_converged(c: Client, service: str, timeout_s: float = 120.0, quiet: bool = False) -> int:
@@ -314,10 +360,16 @@ def cmd_service_ls(args) -> int:
         rows.append(
             {"ID": s["ID"][:12], "Name": s["Spec"]["Name"], "Mode": "replicated",
              "Replicas": f"{st['RunningTasks']}/{st['DesiredTasks']}",
+             "Ports": ", ".join(
+                 f"*:{p['PublishedPort']}->{p['TargetPort']}/{p['Protocol']}"
+                 + ("" if p["PublishMode"] == "ingress" else " (host)")
+                 for p in s.get("Endpoint", {}).get("Ports", [])
+             ),
+             "VirtualIPs": ", ".join(v["Addr"] for v in s.get("Endpoint", {}).get("VirtualIPs", [])),
              "Image": " ".join([cs["Image"]] + cs.get("Args", []))[:40]}
         )
     _emit(args, rows, [("ID", "ID"), ("NAME", "Name"), ("MODE", "Mode"), ("REPLICAS", "Replicas"),
-                       ("COMMAND", "Image")])
+                       ("COMMAND", "Image"), ("PORTS", "Ports")])
     return 0
 
 
@@ -469,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--rotate", action="store_true")
     x.add_argument("role", choices=["worker", "manager"])
     x.set_defaults(func=cmd_swarm_join_token)
+    x = sw.add_parser("rotate-gossip-key", help="new gossip key on every node (install, use, remove)")
+    x.set_defaults(func=cmd_swarm_rotate_gossip_key)
     x = sw.add_parser("leave")
     x.add_argument("-f", "--force", action="store_true")
     x.set_defaults(func=cmd_swarm_leave)
@@ -520,7 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--replicas", type=int, default=1)
     x.add_argument("--network", action="append")
     x.add_argument("-e", "--env", action="append")
-    x.add_argument("--endpoint-mode", default="vip")
+    x.add_argument("--endpoint-mode", default="vip", help="vip (default) or dnsrr")
+    x.add_argument(
+        "-p", "--publish", action="append",
+        help="[mode=ingress|host,]PUBLISHED:TARGET[/tcp|udp] or published=P,target=T,protocol=tcp,mode=host",
+    )
     x.add_argument("-d", "--detach", action="store_true")
     x.add_argument("command", nargs=argparse.REMAINDER)
     x.set_defaults(func=cmd_service_create)

@@ -15,6 +15,8 @@ TLS 1.3 with the manager's node certificate (docs/security.md):
   manager list and the leader's address: workers follow the leader (it alone tracks
   heartbeats) and fail over to any other manager
 - ``POST /cluster/status``      {statuses: [{id, state, err, pid}]}
+- ``POST /cluster/ipsec``       {esp, epoch, applied, counters}: a node's IPsec report
+  (swarmnet.ipsec.control; key sets themselves travel only in assignments)
 Every path but the first two requires a client certificate from the cluster CA, checked on
 every request (``pki.authorize_peer``): revocation by ``node rm`` bites keep-alive
 connections too. The node id comes from the verified certificate, never from the request.
@@ -23,7 +25,10 @@ connections too. The node id comes from the verified certificate, never from the
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
+import secrets
 import ssl
 import time
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from aiohttp import web
 
 from swarmnet import pki
 from swarmnet.api.docker import join_token, new_id
+from swarmnet.ipsec.control import IpsecDriver, ipsec_assignment
 from swarmnet.orchestrator import scheduler
 from swarmnet.raft.state import TASK_TERMINAL, ClusterState, service_network_ids
 from swarmnet.raft.store import RaftConfig, Store, StoreError
@@ -73,13 +79,53 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"message": message}, status=status)
 
 
+GOSSIP_PORT = 7946  # swarmnet.gossip_endpoints.GOSSIP_PORT (Docker's gossip port)
+
+
+@dataclass(frozen=True)
+class GossipRotationConfig:
+    step_timeout_s: float = 60.0  # every ready node must acknowledge a step within this
+    poll_s: float = 0.1  # how often the leader looks at the acknowledgements
+
+
+def new_gossip_key() -> str:
+    """A 32-byte AES-256-GCM key for memberlist's keyring, base64 as serf takes it."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def gossip_for(state: ClusterState) -> dict | None:
+    """The gossip key ring and the gossip addresses of the nodes not known to be down: what
+    a node needs to start its gossip member and join the pool."""
+    ring = (state.cluster or {}).get("gossip")
+    if not ring:
+        return None
+    peers = sorted(
+        f"{n['addr']}:{GOSSIP_PORT}" for n in state.nodes.values() if n.get("state") != "down"
+    )
+    return {"keys": list(ring["keys"]), "primary": ring["primary"], "peers": peers}
+
+
+def gossip_digest(ring: dict) -> str:
+    """Same as swarmnet.gossip_endpoints.keyring_digest: what nodes acknowledge."""
+    h = hashlib.sha256(str(ring.get("primary", "")).encode())
+    for k in sorted(ring.get("keys") or []):
+        h.update(b"," + str(k).encode())
+    return h.hexdigest()[:16]
+
+
 def assignment_for(state: ClusterState, node_id: str) -> dict:
     """Everything one node needs to run its tasks and program its overlays."""
     node = state.nodes.get(node_id)
     tasks = [t for t in state.tasks.values() if t["node_id"] == node_id]
     net_ids = {a["network_id"] for t in tasks for a in t["networks"]}
+    # The routing mesh answers on EVERY node (issue 6): every node joins the ingress
+    # network, with or without a local task on it.
+    ingress = state.ingress_network()
+    if ingress is not None:
+        net_ids.add(ingress["id"])
     networks = {
         nid: {k: state.networks[nid][k] for k in ("id", "name", "vni", "subnet")}
+        | {"encrypted": bool(state.networks[nid].get("encrypted"))}
         for nid in net_ids
         if nid in state.networks
     }
@@ -99,8 +145,42 @@ def assignment_for(state: ClusterState, node_id: str) -> dict:
                         "address": a["address"],
                         "vtep": tnode["addr"],
                         "node_id": tnode["id"],
+                        "service_id": t["service_id"],
+                        "service_name": t["service_name"],
+                        "task_name": f"{t['service_name']}.{t['slot']}",
                     }
                 )
+    if ingress is not None:
+        # Each node's own ingress endpoint (the mesh's SNAT address): remote nodes need its
+        # VTEP so that the replies of their tasks find their way back.
+        for n in sorted(state.nodes.values(), key=lambda n: n["id"]):
+            if n["state"] == "ready" and n.get("ingress_addr"):
+                endpoints.append(
+                    {
+                        "network_id": ingress["id"],
+                        "task_id": "node:" + n["id"],
+                        "address": n["ingress_addr"],
+                        "vtep": n["addr"],
+                        "node_id": n["id"],
+                    }
+                )
+    # What DNS and the load balancers need: every service on a network this node has.
+    services = []
+    for svc in sorted(state.services.values(), key=lambda s: s["id"]):
+        snets = state.service_networks(svc)
+        if not any(nid in networks for nid in snets):
+            continue
+        ep = svc.get("endpoint") or {}
+        services.append(
+            {
+                "id": svc["id"],
+                "name": svc["spec"]["Name"],
+                "endpoint_mode": (svc["spec"].get("EndpointSpec") or {}).get("Mode") or "vip",
+                "networks": snets,
+                "vips": dict(ep.get("vips") or {}),
+                "ports": [dict(p) for p in ep.get("ports") or []],
+            }
+        )
     out_tasks = []
     for t in tasks:
         svc = state.services.get(t["service_id"])
@@ -120,10 +200,20 @@ def assignment_for(state: ClusterState, node_id: str) -> dict:
         "index": state.index,
         "node": None
         if node is None
-        else {"id": node["id"], "state": node["state"], "role": node["role"]},
+        else {
+            "id": node["id"],
+            "state": node["state"],
+            "role": node["role"],
+            "addr": node["addr"],
+            "ingress_addr": node.get("ingress_addr"),
+        },
         "tasks": out_tasks,
         "networks": networks,
         "endpoints": endpoints,
+        # Key sets only in assignments (mTLS), only to nodes on an encrypted network.
+        "ipsec": ipsec_assignment(state, node_id),
+        "services": services,
+        "ingress_network_id": None if ingress is None else ingress["id"],
     }
 
 
@@ -147,10 +237,12 @@ class Manager:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_seen: dict[str, float] = {}
+        self.gossip_acks: dict[str, str] = {}  # node id -> digest of the gossip ring it runs
         self._leader_since: float | None = None
         self._confirmed_term: int | None = None
         self._password = ""
         self._kick = asyncio.Event()
+        self.ipsec = IpsecDriver()  # encrypted overlays' key schedule (leader pass, reports)
         # The TLS context of the listening site; kept so a renewal can swap its credentials.
         self.ssl_context: ssl.SSLContext | None = None
 
@@ -189,6 +281,7 @@ class Manager:
         app.router.add_post("/cluster/renew", self._h_renew)
         app.router.add_get("/cluster/assignments", self._h_assignments)
         app.router.add_post("/cluster/status", self._h_status)
+        app.router.add_post("/cluster/ipsec", self._h_ipsec)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
@@ -221,6 +314,7 @@ class Manager:
             "ca_key": ca.key_pem.decode(),
             "pools": pools,
             "subnet_size": subnet_size,
+            "gossip_key": new_gossip_key(),
             "now": now_iso(),
             "node": {
                 "node_id": self.node_id,
@@ -423,6 +517,7 @@ class Manager:
             "certificate": certificate.decode(),
             "ca": cluster["ca_cert"],
             "managers": managers,
+            "gossip": self.store.read(gossip_for),
         }
         if role == "manager":
             out["raft_password"] = self._password
@@ -459,6 +554,9 @@ class Manager:
         assert self.store is not None
         node_id = self._node_id(request)
         self._seen(node_id)
+        ack = request.query.get("gossip")
+        if ack:
+            self.gossip_acks[node_id] = ack[:64]
         try:
             since = int(request.query.get("index", "-1"))
         except ValueError:
@@ -469,11 +567,31 @@ class Manager:
             self._seen(node_id)
         self._seen(node_id)
         out = self.store.read(lambda s: assignment_for(s, node_id))
+        out["gossip"] = self.store.read(gossip_for)
         out["managers"], out["leader"] = self.control_addrs()
         if out["node"] is not None and out["node"]["role"] == "manager":
             # A promoted node needs the cluster secret and the members to start its Raft node.
             out["raft"] = {"password": self._password, "members": self.raft_members()}
         return web.json_response(out)
+
+    async def _h_ipsec(self, request: web.Request) -> web.Response:
+        """A node's IPsec report (swarmnet.ipsec.control.parse_report); the node is the
+        certificate's, never the body's."""
+        assert self.store is not None
+        try:
+            await self.ipsec.report(self.store, self._node_id(request), await request.json())
+        except ValueError as e:
+            return _error(400, str(e))
+        except StoreError as e:
+            return web.json_response({"message": e.message}, status=e.status)
+        return web.json_response({"ok": True})
+
+    async def rotate_ipsec_key(self) -> dict:
+        """Operator request: rotate the encrypted overlays' key now (make-before-break)."""
+        assert self.store is not None
+        result = await self.store.submit({"op": "ipsec_rotate"})
+        self._kick.set()
+        return result
 
     async def _h_status(self, request: web.Request) -> web.Response:
         assert self.store is not None
@@ -536,6 +654,7 @@ class Manager:
                     self._leader_since = time.monotonic()
                 await self._membership_pass()
                 await self._leader_pass()
+                await self.ipsec.step(self.store)
             except StoreError as e:
                 log.warning("leader pass: %s", e.message)
                 await asyncio.sleep(0.2)
@@ -566,6 +685,50 @@ class Manager:
             await self.store.remove_member(addr)
             self._kick.set()
             return
+
+    # ---- gossip key rotation (leader) ---------------------------------------------------
+
+    async def rotate_gossip_key(self, cfg: GossipRotationConfig | None = None) -> dict:
+        """memberlist's rotation without a partition: install the new key everywhere, then
+        make it the primary everywhere, then remove the old one. Each step is one record;
+        the next is committed only when every ready node has acknowledged the previous one
+        (nodes poll the leader, so the acknowledgements are here). A node that does not
+        acknowledge in time stops the rotation at a safe step (both keys accepted)."""
+        assert self.store is not None
+        cfg = cfg or GossipRotationConfig()
+        if not self.store.is_leader():
+            raise StoreError(503, "rotate the gossip key on the leader (nodes report to it)")
+        ring = self.store.read(lambda s: (s.cluster or {}).get("gossip"))
+        if not ring:
+            raise StoreError(503, "this swarm has no gossip key ring")
+        old, new = ring["primary"], new_gossip_key()
+        steps = [
+            {"keys": [old, new], "primary": old},  # install
+            {"keys": [old, new], "primary": new},  # use
+            {"keys": [new], "primary": new},  # remove
+        ]
+        for i, step in enumerate(steps):
+            result = await self.store.submit({"op": "gossip_keys", **step, "now": now_iso()})
+            if "error" in result:
+                return result
+            want = gossip_digest(step)
+            deadline = time.monotonic() + cfg.step_timeout_s
+            while True:
+                ready = self.store.read(
+                    lambda s: [n["id"] for n in s.nodes.values() if n["state"] == "ready"]
+                )
+                late = [n for n in ready if self.gossip_acks.get(n) != want]
+                if not late:
+                    break
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        503,
+                        f"gossip key rotation stopped after step {i + 1} of 3: nodes "
+                        f"{', '.join(sorted(late))} did not take the new ring",
+                    )
+                await asyncio.sleep(cfg.poll_s)
+            log.info("gossip key rotation: step %d of 3 done", i + 1)
+        return {"ok": True}
 
     # ---- node changes (API) -----------------------------------------------------------
 

@@ -14,9 +14,11 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -32,6 +34,9 @@ from swarmnet.overlay.reconciler import OverlayReconciler
 from swarmnet.runtime.supervisor import Supervisor, TaskSpec
 from swarmnet.sandbox_hooks import AssignmentEndpoints, EndpointSource, SandboxHook
 
+if TYPE_CHECKING:
+    from swarmnet.ipsec_hook import IpsecHook
+
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +48,9 @@ class WorkerConfig:
     refused_retry_s: float = 30.0  # 401/403 (removed, bad certificate): retry slowly
     status_flush_s: float = 0.05  # coalesce task state reports into one request
     request_timeout_s: float = 30.0  # > the manager's long-poll hold time
+    # Gossip table events ask for a resync: at most one per this interval, so a burst of
+    # endpoint changes costs one kernel pass, and the first one waits no longer than this.
+    resync_min_s: float = 0.02
 
 
 class Worker:
@@ -82,6 +90,15 @@ class Worker:
         # per-sandbox services (DNS, LB) the agent plugs in.
         self.endpoints: EndpointSource = AssignmentEndpoints()
         self.hooks: list[SandboxHook] = []
+        self.ipsec: IpsecHook | None = None  # encrypted overlays (the agent plugs it in)
+        # Each task's resolv.conf; None: a copy of the host's. The services hook sets it to
+        # the embedded DNS ("nameserver 127.0.0.11").
+        self.resolv_conf: str | None = None
+        # Gossip (swarmnet/gossip_endpoints.py): called with every assignment (key ring,
+        # peers); ``gossip_ack`` returns what we acknowledge on the next poll (key digest).
+        self.on_assignment: list[Callable[[dict], None]] = []
+        self.gossip_ack: Callable[[], str] | None = None
+        self._dirty = asyncio.Event()
         # Every kernel call runs on this one thread: pyroute2's sync sockets keep per-thread
         # state and run their own (non-uvloop) event loop, which cannot live on the agent's
         # uvloop thread; one thread also serialises kernel programming.
@@ -97,6 +114,7 @@ class Worker:
         await self.supervisor.start()
         self._tasks.append(asyncio.create_task(self._follow(), name="worker-follow"))
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="worker-status"))
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name="worker-resync"))
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -105,9 +123,15 @@ class Worker:
         await self.supervisor.close()  # leaves task processes running for the next agent
         for hook in self.hooks:
             await hook.close()
+        if self.ipsec is not None:
+            await self.ipsec.close()
         if self._session is not None:
             await self._session.close()
         self._kx.shutdown(wait=True)
+
+    async def run_in_kernel_thread(self, fn, *args):
+        """Run ``fn(*args)`` on the one kernel thread (hooks' kernel work)."""
+        return await asyncio.get_running_loop().run_in_executor(self._kx, fn, *args)
 
     # ---- talking to the manager -----------------------------------------------------
 
@@ -137,8 +161,11 @@ class Worker:
         while True:
             try:
                 assert self._session is not None
+                params = {"index": str(index)}
+                if self.gossip_ack is not None and self.gossip_ack():
+                    params["gossip"] = self.gossip_ack()
                 async with self._session.get(
-                    self._url("/cluster/assignments"), params={"index": str(index)}
+                    self._url("/cluster/assignments"), params=params
                 ) as resp:
                     if resp.status in (401, 403):
                         text = await resp.text()
@@ -165,12 +192,34 @@ class Worker:
             index = assignment["index"]
             self.assignment = assignment
             self._follow_leader(assignment)
+            for cb in self.on_assignment:
+                try:
+                    cb(assignment)
+                except Exception:
+                    log.exception("assignment callback failed")
             try:
                 await self.sync()
             except Exception:
                 self.reconcile_errors += 1
                 log.exception("sync failed; retrying on the next assignment")
                 await asyncio.sleep(delay)
+
+    def request_sync(self) -> None:
+        """Mark dirty (an endpoint changed): one sync soon, coalesced with others."""
+        self._dirty.set()
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.config.resync_min_s)
+            self._dirty.clear()
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.reconcile_errors += 1
+                log.exception("resync failed; retrying on the next change or assignment")
 
     def _next_manager(self) -> None:
         """Manager failover: the one that failed goes to the back of the list."""
@@ -258,6 +307,18 @@ class Worker:
             for task_id in list(self.supervisor.tasks()):
                 if task_id not in wanted:
                     await self.supervisor.stop(task_id)
+            # Encrypted networks (swarmnet/ipsec_hook.py): without ESP a task fails, without
+            # keys it waits; ESP is programmed before the overlay pass (never cleartext).
+            if self.ipsec is not None:
+                running = await self.ipsec.admit(self, assignment, running)
+                await self.ipsec.before_reconcile(self, assignment, running)
+            # Hooks let go of sandboxes that are about to be deleted (DNS sockets, LB).
+            keep = {sandbox_name(self.netns_prefix, t["id"]) for t in running}
+            for hook in self.hooks:
+                try:
+                    await hook.before_reconcile(self, assignment, keep)
+                except Exception:
+                    log.exception("hook %s before_reconcile failed", type(hook).__name__)
             # 2. The kernel: sandboxes, bridges, VXLAN, veths, FDB and neighbours.
             loop = asyncio.get_running_loop()
             mtu = await loop.run_in_executor(self._kx, self._underlay)
@@ -265,6 +326,17 @@ class Worker:
             ops = await loop.run_in_executor(self._kx, self.reconciler.reconcile, node)
             if ops:
                 log.info("overlay: applied %d kernel ops", len(ops))
+            if self.ipsec is not None:  # removals only now that VXLAN devices/FDB are gone
+                await self.ipsec.after_reconcile(self, assignment, running)
+            programmed = getattr(self.endpoints, "programmed", None)
+            if programmed is not None:
+                programmed()
+            for hook in self.hooks:
+                try:
+                    await hook.after_reconcile(self, assignment, running)
+                except Exception:
+                    self.reconcile_errors += 1
+                    log.exception("hook %s after_reconcile failed", type(hook).__name__)
             # 3. Processes.
             for t in running:
                 self.supervisor.ensure(self._task_spec(t))
@@ -294,15 +366,38 @@ class Worker:
                             ifname=f"eth{i}",
                         )
                     )
+        # Hooks may add endpoints of their own (the services hook's ingress sandbox).
+        extra_sandboxes = []
+        for hook in self.hooks:
+            extra = getattr(hook, "extra_attachments", None)
+            for a in extra(self, assignment) if extra is not None else ():
+                if a.network_id in nets:
+                    attachments.append(a)
+                    extra_sandboxes.append(a.netns)
         remotes = tuple(r for r in self.endpoints.remotes(assignment) if r.vtep != self.vtep)
+        for hook in self.hooks:  # e.g. other nodes' ingress endpoints (services hook)
+            more = getattr(hook, "extra_remotes", None)
+            if more is not None:
+                remotes += tuple(r for r in more(self, assignment) if r.vtep != self.vtep)
         return NodeOverlay(
             vtep=self.vtep,
             underlay_mtu=mtu,
             networks=tuple(
-                OverlayNetwork(id=n["id"], name=n["name"], vni=n["vni"], subnet=n["subnet"])
+                OverlayNetwork(
+                    id=n["id"],
+                    name=n["name"],
+                    vni=n["vni"],
+                    subnet=n["subnet"],
+                    encrypted=bool(n.get("encrypted")),
+                )
                 for n in sorted(nets.values(), key=lambda n: n["vni"])
             ),
-            sandboxes=tuple(sorted(sandbox_name(self.netns_prefix, t["id"]) for t in running)),
+            sandboxes=tuple(
+                sorted(
+                    {sandbox_name(self.netns_prefix, t["id"]) for t in running}
+                    | set(extra_sandboxes)
+                )
+            ),
             attachments=tuple(attachments),
             remotes=remotes,
             netns_prefix=self.netns_prefix,
@@ -333,4 +428,5 @@ class Worker:
             argv=tuple(service_argv(spec)),
             env=tuple(sorted(env.items())),
             hosts=hosts,
+            resolv_conf=self.resolv_conf,
         )

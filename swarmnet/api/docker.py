@@ -94,12 +94,8 @@ def parse_network_create(body: Any) -> dict:
             if net.version != 4:
                 raise bad("IPAM.Config[0].Subnet", "only IPv4 subnets are supported")
     options = _str_map(body.get("Options"), "Options")
-    if "encrypted" in options:
-        raise bad(
-            "Options.encrypted",
-            "encrypted overlays need IPsec ESP, which is not implemented yet (issue 7); "
-            "refusing rather than sending cleartext",
-        )
+    # "encrypted" (any value, as in Docker) is accepted: ESP between the nodes, see
+    # docs/encryption.md. A node whose kernel lacks ESP fails the tasks, never cleartext.
     if body.get("EnableIPv6"):
         raise bad("EnableIPv6", "IPv6 overlays are not supported")
     return {
@@ -191,8 +187,7 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
     ep_mode = ep.get("Mode") or "vip"
     if ep_mode not in ("vip", "dnsrr"):
         raise bad("EndpointSpec.Mode", f"endpoint mode must be vip or dnsrr, not {ep_mode!r}")
-    if ep.get("Ports"):
-        raise bad("EndpointSpec.Ports", "published ports are not implemented yet (issue 6)")
+    ports = parse_ports(ep.get("Ports"), ep_mode)
     force = tt.get("ForceUpdate") or 0
     # An unsigned 64-bit counter in Docker; bounded so that msgpack can carry it.
     if isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < 2**63:
@@ -209,8 +204,57 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
             "ForceUpdate": force,
         },
         "Mode": {"Replicated": {"Replicas": replicas}},
-        "EndpointSpec": {"Mode": ep_mode},
+        "EndpointSpec": {"Mode": ep_mode, "Ports": ports} if ports else {"Mode": ep_mode},
     }
+
+
+PUBLISH_MODES = ("ingress", "host")
+PORT_PROTOCOLS = ("tcp", "udp")
+
+
+def _port_number(value: Any, field: str, allow_zero: bool) -> int:
+    lo = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= 65535:
+        raise bad(field, f"{field.rsplit('.', 1)[-1]} must be a port number in {lo}-65535, not {value!r}")
+    return value
+
+
+def parse_ports(value: Any, ep_mode: str) -> list[dict]:
+    """``EndpointSpec.Ports``: [{Protocol tcp|udp, TargetPort, PublishedPort, PublishMode
+    ingress|host}]. PublishedPort 0 (or absent) means "pick one from 30000-32767"; the
+    choice, and conflicts with other services, are decided in the replicated state."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad("EndpointSpec.Ports", "Ports must be a list")
+    out: list[dict] = []
+    for i, p in enumerate(value):
+        f = f"EndpointSpec.Ports[{i}]"
+        p = _obj(p, f)
+        proto = p.get("Protocol") or "tcp"
+        if proto not in PORT_PROTOCOLS:
+            raise bad(f"{f}.Protocol", f"protocol must be tcp or udp, not {proto!r}")
+        mode = p.get("PublishMode") or "ingress"
+        if mode not in PUBLISH_MODES:
+            raise bad(f"{f}.PublishMode", f"publish mode must be ingress or host, not {mode!r}")
+        if "TargetPort" not in p:
+            raise bad(f"{f}.TargetPort", "TargetPort is required")
+        target = _port_number(p.get("TargetPort"), f"{f}.TargetPort", allow_zero=False)
+        published = _port_number(p.get("PublishedPort") or 0, f"{f}.PublishedPort", allow_zero=True)
+        if mode == "host" and published == 0:
+            raise bad(f"{f}.PublishedPort", "a host-mode publish needs an explicit PublishedPort")
+        if mode == "ingress" and ep_mode == "dnsrr":
+            raise bad(
+                f"{f}.PublishMode",
+                "port published with ingress mode can't be used with dnsrr mode",
+            )
+        for j, q in enumerate(out):
+            if published and (q["Protocol"], q["PublishedPort"]) == (proto, published):
+                raise bad(f"{f}.PublishedPort", f"port {published}/{proto} is listed twice (also Ports[{j}])", 409)
+        out.append(
+            {"Protocol": proto, "TargetPort": target, "PublishedPort": published, "PublishMode": mode}
+        )
+    return out
 
 
 def program_from_image(image: str) -> str:
@@ -240,13 +284,26 @@ def render_service(s: dict, tasks: list[dict]) -> dict:
         "CreatedAt": s["created"],
         "UpdatedAt": s["updated"],
         "Spec": s["spec"],
-        "Endpoint": {"Spec": s["spec"].get("EndpointSpec", {"Mode": "vip"})},
+        "Endpoint": render_endpoint(s),
         "ServiceStatus": {
             "RunningTasks": running,
             "DesiredTasks": service_replicas(s["spec"]),
             "CompletedTasks": 0,
         },
     }
+
+
+def render_endpoint(s: dict) -> dict:
+    """Docker's ``Service.Endpoint``: the spec, the resolved ports (PublishedPort filled)
+    and ``VirtualIPs`` [{NetworkID, Addr}] (vip mode only)."""
+    ep = s.get("endpoint") or {}
+    out: dict = {"Spec": s["spec"].get("EndpointSpec", {"Mode": "vip"})}
+    if ep.get("ports"):
+        out["Ports"] = [dict(p) for p in ep["ports"]]
+    vips = ep.get("vips") or {}
+    if vips:
+        out["VirtualIPs"] = [{"NetworkID": nid, "Addr": addr} for nid, addr in sorted(vips.items())]
+    return out
 
 
 _STATE_MAP = {"assigned": "assigned", "starting": "starting", "running": "running"}

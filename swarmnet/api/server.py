@@ -398,6 +398,15 @@ class API:
         worker = self.agent.worker
         return web.json_response([] if worker is None else worker.local_tasks())
 
+    async def rotate_gossip_key(self, request: web.Request) -> web.Response:
+        """Install, use, remove a new gossip key on every node (on the leader)."""
+        await self._manager().rotate_gossip_key()
+        return web.json_response({"ok": True})
+
+    async def gossip_status(self, request: web.Request) -> web.Response:
+        """This node's gossip view: members, networks, drop counters."""
+        return web.json_response(self.agent.gossip_status())
+
 
 def _now() -> str:
     from swarmnet.manager import now_iso
@@ -434,6 +443,8 @@ def make_app(agent: Agent) -> web.Application:
         ("GET", "/tasks", api.tasks_list),
         ("GET", "/tasks/{id}", api.task_get),
         ("GET", "/swarmnet/local-tasks", api.local_tasks),
+        ("POST", "/swarmnet/rotate-gossip-key", api.rotate_gossip_key),
+        ("GET", "/swarmnet/gossip", api.gossip_status),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

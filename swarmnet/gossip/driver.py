@@ -247,7 +247,7 @@ class GossipNode:
         # time before the deadline it asked for, or it would re-arm the same one forever.
         now = max(self._now(), at or 0.0)
         try:
-            self.core.handle_timer(now)
+            self._handle_timer(now)
         except Exception:
             # A bug of ours; a node that stops re-arming its timer would fall silent and be
             # declared dead, so count it, log it and keep going.
@@ -307,8 +307,16 @@ class GossipNode:
                 self._count("event_callback_errors")
                 log.exception("gossip event callback failed")
 
+    def _handle_timer(self, now: float) -> None:
+        """Subclasses that host another state machine on the same timer extend this."""
+        self._core().handle_timer(now)
+
+    def _next_deadline(self) -> float | None:
+        """ONE timer for everything the node hosts: subclasses take the min with theirs."""
+        return self._core().next_deadline()
+
     def _arm(self) -> None:
-        deadline = self._core().next_deadline()
+        deadline = self._next_deadline()
         if deadline == self._timer_at and self._timer is not None:
             return
         if self._timer is not None:

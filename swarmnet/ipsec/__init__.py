@@ -28,9 +28,14 @@ def require_esp(network: str) -> None:
     """Raise EspUnsupported with a message for the user if this kernel has no ESP."""
     ok, why = esp_support()
     if not ok:
-        raise EspUnsupported(
-            f"network {network!r} is encrypted but this node's kernel cannot do IPsec ESP: {why}"
-        )
+        raise esp_unsupported(network, why)
+
+
+def esp_unsupported(network: str, why: str) -> EspUnsupported:
+    """The error a task on ``network`` fails with on a node without ESP (``service ps``)."""
+    return EspUnsupported(
+        f"network {network!r} is encrypted but this node's kernel cannot do IPsec ESP: {why}"
+    )
 
 
 def lab_main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from swarmnet.ipsec.keys import KeySet, SpiCollision, sa_key, spi
-from swarmnet.kernel.xfrm import (
+from swarmnet.kernel.xfrm_types import (
     EspMarks,
     EspMarkSet,
     XfrmOp,

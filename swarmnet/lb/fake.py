@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ..kernel.errors import KernelError
 from .backend import SyncingBackend
 from .plan import (
+    ALL_PORTS,
     AddChain,
     AddElem,
     AddReject,
@@ -124,10 +125,14 @@ class FakeBackend(SyncingBackend):
         del src
         if self.table is None:
             return Trace("accept")
-        if (dst, proto, port) in self.table.rejects:  # filter chains at -300 come first
-            return Trace("reject")
-        # base chain: ip daddr . meta l4proto . th dport vmap @services
+        for key in ((dst, proto, port), (dst, proto, ALL_PORTS)):
+            if key in self.table.rejects:  # filter chains at -300 come first
+                return Trace("reject")
+        # base chains: ip daddr . meta l4proto . th dport vmap @services, then
+        # ip daddr . meta l4proto vmap @vips (all-ports services, port 0 in the plan)
         chain = self.table.services.get((dst, proto, port))
+        if chain is None:
+            chain = self.table.services.get((dst, proto, ALL_PORTS))
         if chain is None:
             return Trace("accept")
         for rule in self.table.chains[chain]:  # goto: the service chain decides
@@ -141,7 +146,10 @@ class FakeBackend(SyncingBackend):
                 for v in range(lo, hi + 1):
                     hits[v] += 1
             assert all(h == 1 for h in hits), f"{chain}: numgen values map {hits}"
-            return Trace("dnat", frozenset(f"{ip}:{p}" for _lo, _hi, ip, p in rule.targets))
+            return Trace(
+                "dnat",
+                frozenset(f"{ip}:{p or port}" for _lo, _hi, ip, p in rule.targets),
+            )
         return Trace("accept")  # end of a goto'd chain: the base chain's policy (accept)
 
 

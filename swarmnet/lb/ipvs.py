@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from ..kernel import nsutil
 from ..kernel.errors import KernelError
 from .backend import SyncingBackend
-from .plan import Backend, LBChanges, LBService, LBState, backend_diff, diff
+from .plan import Backend, LBChanges, LBError, LBService, LBState, backend_diff, diff
 
 NETLINK_GENERIC = 16
 GENL_ID_CTRL = 0x10
@@ -236,11 +236,13 @@ class IpvsBackend(SyncingBackend):
     # ---- the backend interface ---------------------------------------------------
 
     def _apply_full(self, state: LBState) -> None:
+        _no_all_ports(state.services)
         # IPVS has no atomic replace: diff against what the kernel has now (only the
         # difference is touched, so live connections to unchanged services are kept).
         self._apply_changes(diff(self.dump(), state))
 
     def _apply_changes(self, changes: LBChanges) -> None:
+        _no_all_ports([*changes.added, *(new for _old, new in changes.changed)])
         for s in changes.removed:
             self._req(IPVS_CMD_DEL_SERVICE, [service_attr(s, False)], ("del service", s.key))
         for old, new in changes.changed:
@@ -287,3 +289,14 @@ class IpvsBackend(SyncingBackend):
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _no_all_ports(services) -> None:
+    """All-ports services (port 0, issue 6) need a fwmark IPVS service per VIP, which this
+    backend does not program yet: refuse clearly rather than program a port-0 service."""
+    for svc in services:
+        if svc.port == 0:
+            raise LBError(
+                f"service {svc.vip}/{svc.proto}: all-ports VIPs are not implemented on IPVS "
+                "yet (fwmark services); use the nft backend"
+            )

@@ -47,6 +47,7 @@ from ..kernel import nsutil
 from ..kernel.errors import KernelError
 from .backend import SyncingBackend
 from .plan import (
+    ALL_PORTS,
     AddChain,
     AddElem,
     AddReject,
@@ -78,6 +79,14 @@ OUTPUT_PRIORITY = -100  # "dstnat" is only a name in prerouting; in output it is
 class NftConfig:
     table: str = "swarmnet"  # the owned table (family inet); tests and benches may use others
     map_name: str = "services"
+    vip_map_name: str = "vips"  # all-ports services (port 0): ip daddr . meta l4proto
+    # Host-namespace ingress table: masquerade DNATed connections leaving through this
+    # interface (the routing mesh's SNAT to the node's ingress address, pain point 7).
+    masquerade_oif: str | None = None
+    # With masquerade_oif: masquerade every packet leaving it whose source is NOT in this
+    # CIDR (the ingress sandbox: what the host forwarded in), instead of "ct status dnat"
+    # (the DNAT happened in another namespace's conntrack).
+    masquerade_unless_from: str | None = None
     use_libnftables: bool = True  # False: always `nft -f -` (for comparing, and the fallback)
 
 
@@ -230,7 +239,23 @@ def render(ops: list[NftOp], cfg: NftConfig) -> str:
                     f"{{ type nat hook output priority {OUTPUT_PRIORITY}; policy accept; }}",
                     f"add rule {t} output ip daddr . meta l4proto . th dport vmap @{m}",
                     f"add set {t} rejects {{ type ipv4_addr . inet_proto . inet_service; }}",
+                    f"add map {t} {cfg.vip_map_name} "
+                    "{ type ipv4_addr . inet_proto : verdict; }",
+                    f"add rule {t} prerouting ip daddr . meta l4proto vmap @{cfg.vip_map_name}",
+                    f"add rule {t} output ip daddr . meta l4proto vmap @{cfg.vip_map_name}",
+                    f"add set {t} rejects-vip {{ type ipv4_addr . inet_proto; }}",
                 ]
+                if cfg.masquerade_oif:
+                    lines += [
+                        f"add chain {t} postrouting "
+                        "{ type nat hook postrouting priority srcnat; policy accept; }",
+                        f'add rule {t} postrouting oifname "{cfg.masquerade_oif}" '
+                        + (
+                            f"ip saddr != {cfg.masquerade_unless_from} masquerade"
+                            if cfg.masquerade_unless_from
+                            else "ct status dnat masquerade"
+                        ),
+                    ]
                 for hook in ("prerouting", "output"):
                     lines += [
                         f"add chain {t} reject-{hook} "
@@ -239,6 +264,9 @@ def render(ops: list[NftOp], cfg: NftConfig) -> str:
                         "meta l4proto tcp reject with tcp reset",
                         f"add rule {t} reject-{hook} ip daddr . meta l4proto . th dport @rejects "
                         "reject",
+                        f"add rule {t} reject-{hook} ip daddr . meta l4proto @rejects-vip "
+                        "meta l4proto tcp reject with tcp reset",
+                        f"add rule {t} reject-{hook} ip daddr . meta l4proto @rejects-vip reject",
                     ]
             case AddChain(name):
                 lines.append(f"add chain {t} {name}")
@@ -249,13 +277,13 @@ def render(ops: list[NftOp], cfg: NftConfig) -> str:
             case AddServiceRule(name, service):
                 lines.append(f"add rule {t} {name} {service_rule(service)}")
             case AddElem(key, chain):
-                lines.append(f"add element {t} {m} {{ {_key(key)} : goto {chain} }}")
+                lines.append(f"add element {t} {_map(key, cfg)} {{ {_key(key)} : goto {chain} }}")
             case DelElem(key):
-                lines.append(f"delete element {t} {m} {{ {_key(key)} }}")
+                lines.append(f"delete element {t} {_map(key, cfg)} {{ {_key(key)} }}")
             case AddReject(key):
-                lines.append(f"add element {t} rejects {{ {_key(key)} }}")
+                lines.append(f"add element {t} {_rejects(key)} {{ {_key(key)} }}")
             case DelReject(key):
-                lines.append(f"delete element {t} rejects {{ {_key(key)} }}")
+                lines.append(f"delete element {t} {_rejects(key)} {{ {_key(key)} }}")
             case _:
                 raise AssertionError(f"unknown op {op!r}")
     return "\n".join(lines) + "\n"
@@ -265,16 +293,26 @@ def service_rule(service: LBService) -> str:
     total, sl = slots(service)
     if total == 0:
         return "counter"  # never reached: the ``rejects`` set answers first (AddReject)
+    def target(b: Backend) -> str:
+        return b.ip if service.port == ALL_PORTS else f"{b.ip} . {b.port}"
+
     entries = ", ".join(
-        f"{s.lo if s.lo == s.hi else f'{s.lo}-{s.hi}'} : {s.backend.ip} . {s.backend.port}"
-        for s in sl
+        f"{s.lo if s.lo == s.hi else f'{s.lo}-{s.hi}'} : {target(s.backend)}" for s in sl
     )
     return f"meta l4proto {service.proto} dnat ip to numgen random mod {total} map {{ {entries} }}"
 
 
 def _key(key: ServiceKey) -> str:
     vip, proto, port = key
-    return f"{vip} . {proto} . {port}"
+    return f"{vip} . {proto}" if port == ALL_PORTS else f"{vip} . {proto} . {port}"
+
+
+def _map(key: ServiceKey, cfg: NftConfig) -> str:
+    return cfg.vip_map_name if key[2] == ALL_PORTS else cfg.map_name
+
+
+def _rejects(key: ServiceKey) -> str:
+    return "rejects-vip" if key[2] == ALL_PORTS else "rejects"
 
 
 # ---- reading back (pure) ------------------------------------------------------------------
@@ -292,12 +330,13 @@ def parse_dump(doc: dict, cfg: NftConfig) -> LBState:
     for item in items:
         if "rule" in item and is_chain_name(item["rule"]["chain"]):
             rules.setdefault(item["rule"]["chain"], []).append(item["rule"])
-        elif "map" in item and item["map"].get("name") == cfg.map_name:
-            elems = item["map"].get("elem", [])
+        elif "map" in item and item["map"].get("name") in (cfg.map_name, cfg.vip_map_name):
+            elems += item["map"].get("elem", [])
     out = []
     for elem in elems:
         key_expr, verdict = elem
-        vip, proto, port = key_expr["concat"]
+        vip, proto, *rest = key_expr["concat"]
+        port = rest[0] if rest else ALL_PORTS
         proto = _PROTO_NUM.get(proto, proto) if isinstance(proto, int) else proto
         chain = verdict["goto"]["target"]
         backends = _parse_rule(rules.get(chain, []))
@@ -314,7 +353,7 @@ def _parse_rule(rules: list[dict]) -> tuple[Backend, ...]:
                 backends = []
                 for sel, target in expr["dnat"]["addr"]["map"]["data"]["set"]:
                     lo, hi = sel["range"] if isinstance(sel, dict) else (sel, sel)
-                    ip, port = target["concat"]
+                    ip, port = target["concat"] if isinstance(target, dict) else (target, 0)
                     backends.append(Backend(ip, int(port), hi - lo + 1))
                 return tuple(backends)
     return ()

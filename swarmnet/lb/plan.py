@@ -27,6 +27,11 @@ import ipaddress
 from dataclasses import dataclass, field
 
 PROTOS = ("tcp", "udp")
+ALL_PORTS = 0
+"""Port 0 in a service key means EVERY port of the VIP and protocol (Docker's VIPs forward
+all ports: a service declares none). Its backends have port 0 too: the DNAT rewrites the
+address only and keeps the destination port. nftables keys these on ``ip daddr . meta
+l4proto`` in a second verdict map; IPVS would need a fwmark service per VIP."""
 WEIGHT_MAX = 100
 """Weights are relative shares. 100 gives 1 % granularity, and keeps an nftables selection
 map at most ``100 x backends`` wide (each backend is one interval, so the map size is the
@@ -54,8 +59,8 @@ def _ipv4(value: str, what: str) -> str:
 
 
 def _port(value: int, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-        raise LBError(f"{what}: port {value!r} is not in 1-65535")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise LBError(f"{what}: port {value!r} is not in 1-65535 (or 0: all ports)")
     return value
 
 
@@ -98,6 +103,11 @@ class LBService:
         for b in self.backends:
             if not isinstance(b, Backend):
                 raise LBError(f"service {self.vip}:{self.port}: {b!r} is not a Backend")
+            if (b.port == ALL_PORTS) != (self.port == ALL_PORTS):
+                raise LBError(
+                    f"service {self.vip}:{self.port}: backend {b.addr}: an all-ports service "
+                    "(port 0) takes all-ports backends (port 0), and only those"
+                )
             if (b.ip, b.port) in seen:
                 raise LBError(f"service {self.vip}:{self.port}: backend {b.addr} listed twice")
             seen[(b.ip, b.port)] = b

@@ -30,6 +30,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 
+from swarmnet.ipsec.plan import encrypted_mtu
 from swarmnet.kernel.types import (
     IFNAMSIZ_MAX,
     Addr,
@@ -75,6 +76,9 @@ class OverlayNetwork:
     name: str
     vni: int
     subnet: str  # "10.0.1.0/24"
+    # ``--opt encrypted``: VXLAN of this VNI is carried in ESP (swarmnet.ipsec), so its MTU
+    # leaves room for the ESP overhead too (network_mtu).
+    encrypted: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,15 @@ def overlay_mtu(underlay_mtu: int) -> int:
     return underlay_mtu - VXLAN_OVERHEAD
 
 
+def network_mtu(net: OverlayNetwork, underlay_mtu: int) -> int:
+    """The MTU of a network's bridge, VXLAN and veths: an encrypted one also carries ESP's
+    header, IV, padding, trailer and ICV (1416 on a 1500 underlay; Docker's 1424 uses a
+    64-bit ICV)."""
+    if net.encrypted:
+        return encrypted_mtu(underlay_mtu)
+    return overlay_mtu(underlay_mtu)
+
+
 def is_owned_base_link(name: str) -> bool:
     return _OWNED_BASE_LINK.fullmatch(name) is not None
 
@@ -183,8 +196,8 @@ def desired(node: NodeOverlay) -> Desired:
     does not know are skipped: one inconsistent input must not stop every other network
     from converging.
     """
-    mtu = overlay_mtu(node.underlay_mtu)
     nets = {n.id: n for n in node.networks}
+    mtus = {nid: network_mtu(n, node.underlay_mtu) for nid, n in nets.items()}
     atts = [a for a in node.attachments if a.network_id in nets]
     local_ids = {a.network_id for a in atts}
 
@@ -193,7 +206,7 @@ def desired(node: NodeOverlay) -> Desired:
         out.sandboxes[sb] = KernelState(links={LOOPBACK: _lo_link()})
 
     for nid in sorted(local_ids, key=lambda i: nets[i].vni):
-        vni = nets[nid].vni
+        vni, mtu = nets[nid].vni, mtus[nid]
         br, vx = bridge_name(vni), vxlan_name(vni)
         out.base.links[br] = Link(br, "bridge", mtu, True)
         out.base.links[vx] = Link(
@@ -203,7 +216,7 @@ def desired(node: NodeOverlay) -> Desired:
     local_ips: dict[str, set[str]] = {nid: set() for nid in local_ids}
     for a in atts:
         br = bridge_name(nets[a.network_id].vni)
-        v = veth_name(a.task_id, a.network_id)
+        v, mtu = veth_name(a.task_id, a.network_id), mtus[a.network_id]
         out.base.links[v] = Link(v, "veth", mtu, True, master=br)
         ip = _ip_of(a.address)
         local_ips[a.network_id].add(ip)
@@ -273,7 +286,6 @@ class _Planner:
     ) -> None:
         self.node = node
         self.want = desired(node)
-        self.mtu = overlay_mtu(node.underlay_mtu)
         self.netns = set(netns)
         self.links = dict(base.links)
         self.fdb = set(base.fdb)
@@ -404,7 +416,7 @@ class _Planner:
                 VethAdd(
                     v,
                     a.ifname,
-                    self.mtu,
+                    want_v.mtu,
                     peer_netns=a.netns,
                     peer_mac=want_peer.mac,
                 )

@@ -14,6 +14,7 @@ state. Hence the rules (from pysyncobj/RESULTS.md and DESIGN "Raft store"):
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from typing import Any
 
@@ -21,6 +22,8 @@ from swarmnet.raft.ipam import IPAM, IPAMError
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 TASK_TERMINAL = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
+INGRESS_NAME = "ingress"
+PUBLISHED_PORT_RANGE = (30000, 32767)  # Docker's dynamic range for PublishedPort 0
 
 
 class CommandError(Exception):
@@ -108,13 +111,56 @@ class ClusterState:
             "revoked": {"node_ids": [], "serials": []},
             "pools": list(cmd.get("pools") or ["10.0.0.0/8"]),
             "subnet_size": cmd.get("subnet_size") or 24,
+            # Gossip key ring (issue 5): base64 keys, made by the manager that ran init (the
+            # state machine makes no randomness). Nodes get it at join and in assignments.
+            "gossip": {"keys": [cmd["gossip_key"]], "primary": cmd["gossip_key"]}
+            if cmd.get("gossip_key")
+            else None,
         }
+        # The ingress network, like swarmkit's newIngressNetwork: created on the fresh IPAM
+        # so it takes the first block (10.0.0.0/24) and the first VNI (4096). Its id is
+        # derived from the cluster id: deterministic, and the command stays as it was.
+        # ``"ingress": False`` skips it (unit tests written before it existed).
+        if cmd.get("ingress", True) is False:
+            self._cmd_add_node(cmd["node"] | {"now": cmd["now"]})
+            return {"ok": True}
+        ingress_id = cmd.get("ingress_id") or ingress_id_for(cmd["cluster_id"])
+        self._cmd_create_network(
+            {
+                "id": ingress_id,
+                "name": INGRESS_NAME,
+                "subnet": cmd.get("ingress_subnet"),
+                "ingress": True,
+                "now": cmd["now"],
+            }
+        )
+        self.cluster["ingress_id"] = ingress_id
         self._cmd_add_node(cmd["node"] | {"now": cmd["now"]})
         return {"ok": True}
+
+    def ingress_network(self) -> dict | None:
+        iid = (self.cluster or {}).get("ingress_id")
+        return None if iid is None else self.networks.get(iid)
 
     def _cmd_rotate_token(self, cmd: dict) -> dict:
         cluster = self._require_cluster()
         cluster["tokens"][cmd["role"]] = cmd["secret"]
+        cluster["version"] = self._bump()
+        cluster["updated"] = cmd["now"]
+        return {"ok": True}
+
+    def _cmd_gossip_keys(self, cmd: dict) -> dict:
+        """One step of a gossip key rotation (install / use / remove): the whole ring."""
+        cluster = self._require_cluster()
+        keys, primary = cmd.get("keys"), cmd.get("primary")
+        if (
+            not isinstance(keys, list)
+            or not 1 <= len(keys) <= 4
+            or not all(isinstance(k, str) and 20 <= len(k) <= 64 for k in keys)
+            or primary not in keys
+        ):
+            raise CommandError(400, "keys", "1 to 4 base64 keys, the primary among them")
+        cluster["gossip"] = {"keys": list(keys), "primary": primary}
         cluster["version"] = self._bump()
         cluster["updated"] = cmd["now"]
         return {"ok": True}
@@ -136,6 +182,13 @@ class ClusterState:
             "updated": cmd["now"],
             "version": idx,
         }
+        ingress = self.ingress_network()
+        if ingress is not None and self.ipam is not None:
+            # The node's end of the routing mesh (Docker's ingress-sbox endpoint): replies of
+            # the tasks a published port was forwarded to come back to this address.
+            self.nodes[cmd["node_id"]]["ingress_addr"] = self.ipam.allocate_ip(
+                ingress["id"], "node:" + cmd["node_id"]
+            )
         return {"ok": True}
 
     def _cmd_node_state(self, cmd: dict) -> dict:
@@ -177,7 +230,8 @@ class ClusterState:
             raise CommandError(404, "id", f"node {cmd['node_id']} not found")
         if cmd.get("version") is not None and int(cmd["version"]) != node["version"]:
             raise CommandError(
-                409, "version",
+                409,
+                "version",
                 f"update out of sequence: node version is {node['version']}, not {cmd['version']}",
             )
         role = cmd.get("role", node["role"])
@@ -205,13 +259,15 @@ class ClusterState:
             raise CommandError(404, "id", f"node {cmd['node_id']} not found")
         if node["role"] == "manager":
             raise CommandError(
-                400, "id",
+                400,
+                "id",
                 f"node {node['hostname']} is a cluster manager and is a member of the raft "
                 "cluster. It must be demoted to worker before removal",
             )
         if node["state"] != "down" and not cmd.get("force"):
             raise CommandError(
-                400, "id",
+                400,
+                "id",
                 f"node {node['hostname']} is not down and can't be removed: "
                 "use --force to remove it anyway",
             )
@@ -222,6 +278,9 @@ class ClusterState:
                 task["status"] = {"state": "orphaned", "err": "node removed", "ts": cmd["now"]}
                 task["version"] = self._bump()
         del self.nodes[node["id"]]
+        ingress = self.ingress_network()
+        if ingress is not None and self.ipam is not None:
+            self.ipam.release_ip(ingress["id"], "node:" + node["id"])
         # Revoke: its certificate names this id; the node channel refuses it from now on,
         # on new and already open connections alike. Node ids are never reused.
         cluster = self.cluster
@@ -251,7 +310,9 @@ class ClusterState:
         if self.network_by_name(name) is not None:
             raise CommandError(409, "Name", f"network with name {name} already exists")
         if cmd.get("driver", "overlay") != "overlay":
-            raise CommandError(400, "Driver", f"driver {cmd.get('driver')!r} is not supported: use overlay")
+            raise CommandError(
+                400, "Driver", f"driver {cmd.get('driver')!r} is not supported: use overlay"
+            )
         subnet = self.ipam.allocate_subnet(cmd["id"], cmd.get("subnet"))
         try:
             vni = self.ipam.allocate_vni(cmd["id"], cmd.get("vni"))
@@ -269,6 +330,8 @@ class ClusterState:
             "attachable": bool(cmd.get("attachable")),
             "ingress": bool(cmd.get("ingress")),
             "options": dict(cmd.get("options") or {}),
+            # --opt encrypted (any value, like Docker): ESP between the nodes (swarmnet.ipsec)
+            "encrypted": "encrypted" in (cmd.get("options") or {}),
             "labels": dict(cmd.get("labels") or {}),
             "created": cmd["now"],
             "version": idx,
@@ -284,6 +347,10 @@ class ClusterState:
             for s in self.services.values()
             if net["id"] in service_network_ids(s["spec"])
         )
+        if net.get("ingress"):
+            users = sorted(
+                s["spec"]["Name"] for s in self.services.values() if publishes_ingress(s["spec"])
+            )
         if users:
             raise CommandError(
                 409, "id", f"network {net['name']} is in use by service(s) {', '.join(users)}"
@@ -311,6 +378,13 @@ class ClusterState:
         self.ipam.release_subnet(net["id"])
         self.ipam.release_vni(net["id"])
         del self.networks[net["id"]]
+        if self.cluster is not None and self.cluster.get("ingress_id") == net["id"]:
+            self.cluster["ingress_id"] = None
+        for n in list(self.nodes.values()):
+            if net.get("ingress"):
+                n.pop("ingress_addr", None)
+        for svc in self.services.values():
+            svc.get("endpoint", {}).get("vips", {}).pop(net["id"], None)
         self._bump()
         return {"ok": True}
 
@@ -325,7 +399,9 @@ class ClusterState:
     def _check_service_networks(self, spec: dict) -> None:
         for i, nid in enumerate(service_network_ids(spec)):
             if nid not in self.networks:
-                raise CommandError(404, f"TaskTemplate.Networks[{i}].Target", f"network {nid} not found")
+                raise CommandError(
+                    404, f"TaskTemplate.Networks[{i}].Target", f"network {nid} not found"
+                )
 
     def _cmd_create_service(self, cmd: dict) -> dict:
         self._require_cluster()
@@ -336,15 +412,116 @@ class ClusterState:
         if self.service_by_name(name) is not None:
             raise CommandError(409, "Name", f"service {name} already exists")
         self._check_service_networks(spec)
-        idx = self._bump()
-        self.services[cmd["id"]] = {
+        spec = copy.deepcopy(spec)
+        ports = self._resolve_ports(cmd["id"], spec)
+        svc = {
             "id": cmd["id"],
-            "spec": copy.deepcopy(spec),
+            "spec": spec,
+            "endpoint": {"ports": ports, "vips": {}},
             "created": cmd["now"],
             "updated": cmd["now"],
-            "version": idx,
+            "version": 0,
         }
+        self._sync_vips(svc)  # may raise (address space exhausted): nothing stored yet
+        svc["version"] = self._bump()
+        self.services[cmd["id"]] = svc
         return {"ok": True, "id": cmd["id"]}
+
+    # ---- service endpoints: published ports and VIPs --------------------------------
+
+    def _resolve_ports(self, sid: str, spec: dict) -> list[dict]:
+        """Check ``EndpointSpec.Ports`` against every other service and fill PublishedPort 0
+        from 30000-32767 (lowest free: deterministic). Returns Docker's resolved ``Ports``."""
+        ep = spec.get("EndpointSpec") or {}
+        ports = [dict(p) for p in ep.get("Ports") or []]
+        mode = ep.get("Mode") or "vip"
+        taken: dict[tuple[str, int], str] = {}
+        for other in self.services.values():
+            if other["id"] == sid:
+                continue
+            for p in other.get("endpoint", {}).get("ports", []):
+                taken[(p["Protocol"], p["PublishedPort"])] = other["spec"]["Name"]
+        mine: set[tuple[str, int]] = set()
+        for i, p in enumerate(ports):
+            field = f"EndpointSpec.Ports[{i}]"
+            if p.get("PublishMode", "ingress") == "ingress" and mode == "dnsrr":
+                raise CommandError(
+                    400,
+                    f"{field}.PublishMode",
+                    "a dnsrr service cannot publish in ingress mode (the routing mesh needs a "
+                    "VIP): use mode=host or endpoint mode vip",
+                )
+            proto = p.get("Protocol", "tcp")
+            if not p.get("PublishedPort"):
+                lo, hi = PUBLISHED_PORT_RANGE
+                free = next(
+                    (
+                        n
+                        for n in range(lo, hi + 1)
+                        if (proto, n) not in taken and (proto, n) not in mine
+                    ),
+                    None,
+                )
+                if free is None:
+                    raise CommandError(409, f"{field}.PublishedPort", "no free published port left")
+                p["PublishedPort"] = free
+            key = (proto, p["PublishedPort"])
+            if key in taken:
+                raise CommandError(
+                    409,
+                    f"{field}.PublishedPort",
+                    f"port {key[1]}/{proto} is already published by service {taken[key]}",
+                )
+            if key in mine:
+                raise CommandError(
+                    409, f"{field}.PublishedPort", f"port {key[1]}/{proto} is listed twice"
+                )
+            mine.add(key)
+            p.setdefault("Protocol", "tcp")
+            p.setdefault("PublishMode", "ingress")
+        return ports
+
+    def service_networks(self, svc: dict) -> list[str]:
+        """The networks a service's tasks attach to, in order: its own, then ingress when it
+        publishes a port (ingress mode: the routing mesh; host mode: the node's path to its
+        local task, see services_hook)."""
+        nets = service_network_ids(svc["spec"])
+        ingress = self.ingress_network()
+        if ingress is not None and svc.get("endpoint", {}).get("ports"):
+            if ingress["id"] not in nets:
+                nets = [*nets, ingress["id"]]
+        return nets
+
+    def _sync_vips(self, svc: dict) -> None:
+        """One VIP per network in vip mode (ingress only with an ingress-mode publish); none
+        in dnsrr mode. Releases what is no longer wanted (a vip -> dnsrr switch, moby#38575)."""
+        assert self.ipam is not None
+        ep = svc["spec"].get("EndpointSpec") or {}
+        ingress = self.ingress_network()
+        want: list[str] = []
+        if (ep.get("Mode") or "vip") == "vip":
+            for nid in self.service_networks(svc):
+                if ingress is not None and nid == ingress["id"]:
+                    if not publishes_ingress(svc["spec"]):
+                        continue
+                want.append(nid)
+        owner = "vip:" + svc["id"]
+        vips = svc["endpoint"]["vips"]
+        for nid in list(vips):
+            if nid not in want:
+                self.ipam.release_ip(nid, owner)
+                del vips[nid]
+        got: list[str] = []
+        try:
+            for nid in want:
+                if nid not in vips:
+                    vips[nid] = self.ipam.allocate_ip(nid, owner)
+                    got.append(nid)
+        except IPAMError:
+            for nid in got:
+                self.ipam.release_ip(nid, owner)
+                del vips[nid]
+            raise
 
     def _cmd_update_service(self, cmd: dict) -> dict:
         svc = self.services.get(cmd["id"])
@@ -360,9 +537,20 @@ class ClusterState:
         if spec.get("Name") != svc["spec"]["Name"]:
             raise CommandError(400, "Name", "renaming a service is not supported")
         if service_network_ids(spec) != service_network_ids(svc["spec"]):
-            raise CommandError(400, "TaskTemplate.Networks", "changing a service's networks is not supported yet")
+            raise CommandError(
+                400, "TaskTemplate.Networks", "changing a service's networks is not supported yet"
+            )
         self._check_service_networks(spec)
-        svc["spec"] = copy.deepcopy(spec)
+        spec = copy.deepcopy(spec)
+        ports = self._resolve_ports(svc["id"], spec)
+        old_spec, old_ep = svc["spec"], copy.deepcopy(svc.get("endpoint") or {"vips": {}})
+        svc["spec"] = spec
+        svc["endpoint"] = {"ports": ports, "vips": dict(old_ep.get("vips") or {})}
+        try:
+            self._sync_vips(svc)
+        except IPAMError:
+            svc["spec"], svc["endpoint"] = old_spec, old_ep
+            raise
         svc["updated"] = cmd["now"]
         svc["version"] = self._bump()
         return {"ok": True}
@@ -371,6 +559,9 @@ class ClusterState:
         svc = self.services.pop(cmd["id"], None)
         if svc is None:
             raise CommandError(404, "id", f"service {cmd['id']} not found")
+        assert self.ipam is not None
+        for nid in (svc.get("endpoint") or {}).get("vips", {}):
+            self.ipam.release_ip(nid, "vip:" + svc["id"])
         for task in self.tasks.values():
             if task["service_id"] == svc["id"] and task["desired_state"] != "remove":
                 task["desired_state"] = "remove"
@@ -401,8 +592,10 @@ class ClusterState:
         assert self.ipam is not None
         attachments = []
         try:
-            for nid in service_network_ids(svc["spec"]):
-                attachments.append({"network_id": nid, "address": self.ipam.allocate_ip(nid, cmd["id"])})
+            for nid in self.service_networks(svc):
+                attachments.append(
+                    {"network_id": nid, "address": self.ipam.allocate_ip(nid, cmd["id"])}
+                )
         except IPAMError:
             for a in attachments:
                 self.ipam.release_ip(a["network_id"], cmd["id"])
@@ -448,6 +641,61 @@ class ClusterState:
             changed += 1
         return {"ok": True, "changed": changed}
 
+    # ---- encrypted overlays (swarmnet.ipsec; the leader's driver is manager._ipsec_pass) ----
+
+    def ipsec(self) -> dict:
+        """The key schedule, in the cluster record: ``keyset`` (ipsec.keys.KeySet.to_dict(),
+        AES keys included: the journal is already as secret as the CA key in it), the
+        rotation ``phase`` and ``since`` (manager wall clock), ``force`` (rotate-key asked)."""
+        c = self.cluster or {}
+        return c.get("ipsec") or {"keyset": None, "phase": "steady", "since": 0.0, "force": False}
+
+    def _cmd_ipsec_keys(self, cmd: dict) -> dict:
+        """Publish a key set; compare-and-set on the version so that a deposed leader (or a
+        retried command) never overwrites a newer set."""
+        cluster = self._require_cluster()
+        cur = self.ipsec()
+        have = (cur.get("keyset") or {}).get("version", 0)
+        if int(cmd["keyset"]["version"]) <= have:
+            return {"ok": True, "noop": True}
+        if int(cmd.get("expect_version", have)) != have:
+            raise CommandError(409, "version", f"key set is at version {have}")
+        cluster["ipsec"] = {
+            "keyset": cmd["keyset"],
+            "phase": cmd["phase"],
+            "since": float(cmd["since"]),
+            "force": bool(cur.get("force")) and not cmd.get("clear_force"),
+        }
+        self._bump()
+        return {"ok": True}
+
+    def _cmd_ipsec_rotate(self, cmd: dict) -> dict:
+        """Operator request: rotate now (still make-before-break)."""
+        cluster = self._require_cluster()
+        cur = dict(self.ipsec())
+        if cur.get("force") or cur.get("phase", "steady") != "steady":
+            # Already asked, or a rotation is under way: that one is the rotation asked for.
+            return {"ok": True, "noop": True}
+        cur["force"] = True
+        cluster["ipsec"] = cur
+        self._bump()
+        return {"ok": True}
+
+    def _cmd_ipsec_node(self, cmd: dict) -> dict:
+        """A node's IPsec facts as it reported them over the node channel: ``esp`` (can its
+        kernel do ESP), ``epoch`` (its sender epoch, ipsec.keys) and ``applied`` (the newest
+        key-set version it programmed completely)."""
+        node = self.nodes.get(cmd["node_id"])
+        if node is None:
+            return {"ok": True, "noop": True}
+        new = {k: cmd[k] for k in ("esp", "epoch", "applied") if k in cmd}
+        cur = node.get("ipsec") or {}
+        if {**cur, **new} == cur:
+            return {"ok": True, "noop": True}
+        node["ipsec"] = {**cur, **new}
+        node["version"] = self._bump()
+        return {"ok": True}
+
     def _cmd_remove_task(self, cmd: dict) -> dict:
         task = self.tasks.pop(cmd["id"], None)
         if task is None:
@@ -459,9 +707,40 @@ class ClusterState:
         return {"ok": True}
 
 
+def ipsec_participants(state: ClusterState) -> dict[str, set[str]]:
+    """node id -> the encrypted networks it takes part in: ready nodes whose kernel did not
+    report "no ESP", with a task that should run on an encrypted network. These nodes get
+    the key set in their assignment, and key rotation waits for their acknowledgements."""
+    out: dict[str, set[str]] = {}
+    for t in state.tasks.values():
+        if t["desired_state"] != "running":
+            continue
+        node = state.nodes.get(t["node_id"])
+        if (
+            node is None
+            or node["state"] != "ready"
+            or (node.get("ipsec") or {}).get("esp") is False
+        ):
+            continue
+        for a in t["networks"]:
+            if (state.networks.get(a["network_id"]) or {}).get("encrypted"):
+                out.setdefault(node["id"], set()).add(a["network_id"])
+    return out
+
+
 def service_network_ids(spec: dict) -> list[str]:
     nets = (spec.get("TaskTemplate") or {}).get("Networks") or spec.get("Networks") or []
     return [n["Target"] for n in nets]
+
+
+def ingress_id_for(cluster_id: str) -> str:
+    """The ingress network's id: a pure function of the cluster id (25 base-16 chars)."""
+    return hashlib.sha256(f"ingress:{cluster_id}".encode()).hexdigest()[:25]
+
+
+def publishes_ingress(spec: dict) -> bool:
+    ports = (spec.get("EndpointSpec") or {}).get("Ports") or []
+    return any(p.get("PublishMode", "ingress") == "ingress" for p in ports)
 
 
 def service_replicas(spec: dict) -> int:

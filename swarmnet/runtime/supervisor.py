@@ -127,6 +127,9 @@ class TaskSpec:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]  # the SWARMNET_* vars etc., set by the caller
     hosts: tuple[tuple[str, str], ...] = ()  # (ip, name) lines for /etc/hosts besides localhost
+    # The task's resolv.conf, verbatim; None: a copy of RuntimeConfig.resolv_conf_source.
+    # The worker passes "nameserver 127.0.0.11\noptions ndots:0\n" (the embedded DNS).
+    resolv_conf: str | None = None
 
     def __post_init__(self) -> None:
         # task_id names a directory under state_dir: keep it a plain file name.
@@ -150,6 +153,7 @@ class TaskSpec:
             "argv": list(self.argv),
             "env": [list(kv) for kv in self.env],
             "hosts": [list(h) for h in self.hosts],
+            "resolv_conf": self.resolv_conf,
         }
 
     @classmethod
@@ -161,6 +165,7 @@ class TaskSpec:
             argv=tuple(d["argv"]),
             env=tuple((k, v) for k, v in d["env"]),
             hosts=tuple((ip, n) for ip, n in d.get("hosts", ())),
+            resolv_conf=d.get("resolv_conf"),
         )
 
 
@@ -431,10 +436,13 @@ class Supervisor:
         try:
             tdir.mkdir(parents=True, exist_ok=True)
             resolv, hosts = tdir / "resolv.conf", tdir / "hosts"
-            try:
-                resolv_text = self._cfg.resolv_conf_source.read_bytes()
-            except FileNotFoundError:
-                resolv_text = b""  # no host resolvers: libc falls back to 127.0.0.1
+            if spec.resolv_conf is not None:
+                resolv_text = spec.resolv_conf.encode()
+            else:
+                try:
+                    resolv_text = self._cfg.resolv_conf_source.read_bytes()
+                except FileNotFoundError:
+                    resolv_text = b""  # no host resolvers: libc falls back to 127.0.0.1
             # Written in place (not renamed) so that a later rewrite reaches the bind mount.
             resolv.write_bytes(resolv_text)
             hosts.write_text(render_hosts(spec))

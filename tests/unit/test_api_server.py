@@ -266,12 +266,13 @@ async def test_network_round_trip(h: Harness) -> None:
         },
     )
     nets = await h.ok("GET", "/networks")
-    assert [n["Name"] for n in nets] == ["back", "front"]
+    # ingress: created by swarm init, 10.0.0.0/24 (issue 6), so "front" gets the next block
+    assert [n["Name"] for n in nets] == ["back", "front", "ingress"]
     front = nets[1]
     assert (front["Id"], front["Driver"], front["Scope"]) == (nid, "overlay", "swarm")
-    assert front["IPAM"]["Config"][0]["Subnet"] == "10.0.0.0/24"
-    assert front["IPAM"]["Config"][0]["Gateway"] == "10.0.0.1"
-    assert front["Options"]["com.docker.network.driver.overlay.vxlanid_list"] == "4096"
+    assert front["IPAM"]["Config"][0]["Subnet"] == "10.0.1.0/24"
+    assert front["IPAM"]["Config"][0]["Gateway"] == "10.0.1.1"
+    assert front["Options"]["com.docker.network.driver.overlay.vxlanid_list"] == "4097"
     assert nets[0]["IPAM"]["Config"][0]["Subnet"] == "172.20.0.0/24" and nets[0]["Labels"] == {
         "a": "b"
     }

@@ -115,7 +115,6 @@ def test_network_create_good_bodies() -> None:
         ({"Name": "n", "IPAM": {"Config": [{"Subnet": "fd00::/64"}]}}, "IPAM.Config[0].Subnet"),
         ({"Name": "n", "Options": ["encrypted"]}, "Options"),
         ({"Name": "n", "Options": {"a": 1}}, "Options"),
-        ({"Name": "n", "Options": {"encrypted": ""}}, "Options.encrypted"),
         ({"Name": "n", "Labels": {"a": None}}, "Labels"),
         ({"Name": "n", "Labels": {"a": "\ud800"}}, "Labels"),
         ({"Name": "n", "EnableIPv6": True}, "EnableIPv6"),
@@ -254,7 +253,13 @@ SERVICE_ERRORS: list[tuple[Any, str, int]] = [
     (_with("EndpointSpec", "vip"), "EndpointSpec", 400),
     (_with("EndpointSpec.Mode", "round-robin"), "EndpointSpec.Mode", 400),
     (_with("EndpointSpec.Mode", ["vip"]), "EndpointSpec.Mode", 400),
-    (_with("EndpointSpec.Ports", [{"TargetPort": 80}]), "EndpointSpec.Ports", 400),
+    (_with("EndpointSpec.Ports", {"TargetPort": 80}), "EndpointSpec.Ports", 400),
+    (_with("EndpointSpec.Ports", [{"TargetPort": 0}]), "EndpointSpec.Ports[0].TargetPort", 400),
+    (
+        _with("EndpointSpec.Ports", [{"TargetPort": 80, "Protocol": "sctp"}]),
+        "EndpointSpec.Ports[0].Protocol",
+        400,
+    ),
     (_with("Labels", ["a"]), "Labels", 400),
     (_with("Labels", {"a": 1}), "Labels", 400),
 ]

@@ -22,7 +22,10 @@ def svc(*backends: Backend, vip: str = "10.0.0.2", proto: str = "tcp", port: int
     "make, field",
     [
         (lambda: Backend("10.0.1.300", 80), "backend"),
-        (lambda: Backend("10.0.1.5", 0), "port"),
+        # Port 0 is the all-ports mode (issue 6): valid alone, refused when mixed.
+        (lambda: LBService("10.0.0.2", "tcp", 80, (Backend("10.0.1.5", 0),)), "all-ports"),
+        (lambda: LBService("10.0.0.2", "tcp", 0, (Backend("10.0.1.5", 80),)), "all-ports"),
+        (lambda: Backend("10.0.1.5", -1), "port"),
         (lambda: Backend("10.0.1.5", 70000), "port"),
         (lambda: Backend("10.0.1.5", 80, -1), "weight"),
         (lambda: Backend("10.0.1.5", 80, plan.WEIGHT_MAX + 1), "weight"),

@@ -36,6 +36,9 @@ def init_cmd(cluster_id: str = "c1", node_id: str = "n1", **kw: Any) -> dict:
         "digest": "digest",
         "pools": kw.get("pools"),
         "subnet_size": kw.get("subnet_size"),
+        # These tests predate the ingress network (issue 6): without it the first user
+        # network gets the first block. tests/unit/test_state_services.py covers ingress.
+        "ingress": kw.get("ingress", False),
         "now": NOW,
         "node": {
             "node_id": node_id,
@@ -383,27 +386,29 @@ def test_create_task_allocates_one_ip_per_network(s: ClusterState) -> None:
     ok(s, task_cmd("T1", "S1", 1))
     ok(s, task_cmd("T2", "S1", 2))
     t1 = s.tasks["T1"]
+    # .2 of each network is the service's VIP (allocated at create_service).
     assert t1["networks"] == [
-        {"network_id": "N1", "address": "10.0.0.2/24"},
-        {"network_id": "N2", "address": "10.0.1.2/24"},
+        {"network_id": "N1", "address": "10.0.0.3/24"},
+        {"network_id": "N2", "address": "10.0.1.3/24"},
     ]
-    assert s.tasks["T2"]["networks"][0]["address"] == "10.0.0.3/24"
+    assert s.tasks["T2"]["networks"][0]["address"] == "10.0.0.4/24"
     assert t1["status"]["state"] == "assigned" and t1["desired_state"] == "running"
     assert s.ipam is not None and s.ipam.used_ips("N1") == {
-        "T1": "10.0.0.2/24",
-        "T2": "10.0.0.3/24",
+        "vip:S1": "10.0.0.2/24",
+        "T1": "10.0.0.3/24",
+        "T2": "10.0.0.4/24",
     }
 
 
 def test_create_task_ip_exhaustion_releases_partial_allocation(s: ClusterState) -> None:
     ok(s, net_cmd("N1", "big"))
-    ok(s, net_cmd("N2", "tiny", subnet="10.9.0.0/29"))  # 5 task addresses
+    ok(s, net_cmd("N2", "tiny", subnet="10.9.0.0/29"))  # 5 addresses: the VIP and 4 tasks
     ok(s, svc_cmd("S1", "web", 10, ("N1", "N2")))
-    for i in range(1, 6):
+    for i in range(1, 5):
         ok(s, task_cmd(f"T{i}", "S1", i))
     assert s.ipam is not None
     before = (canonical(s.tasks), s.index, s.ipam.used_ips("N1"), s.ipam.used_ips("N2"))
-    err = s.apply(task_cmd("T6", "S1", 6))["error"]
+    err = s.apply(task_cmd("T5", "S1", 5))["error"]
     assert (err["status"], err["field"]) == (409, "Networks")
     # The N1 address taken before N2 ran out was given back (N1's serial cursor moved on).
     assert (canonical(s.tasks), s.index, s.ipam.used_ips("N1"), s.ipam.used_ips("N2")) == before
@@ -467,7 +472,8 @@ def test_remove_task_releases_ips_and_is_idempotent(s: ClusterState) -> None:
     ok(s, svc_cmd("S1", "web", 1, ("N1",)))
     ok(s, task_cmd("T1", "S1", 1))
     ok(s, {"op": "remove_task", "id": "T1"})
-    assert s.tasks == {} and s.ipam is not None and s.ipam.used_ips("N1") == {}
+    assert s.tasks == {} and s.ipam is not None
+    assert s.ipam.used_ips("N1") == {"vip:S1": "10.0.0.2/24"}  # the VIP lives with the service
     assert s.apply({"op": "remove_task", "id": "T1"})["noop"] is True
 
 
@@ -703,6 +709,10 @@ class ClusterMachine(RuleBasedStateMachine):
                 assert iface.ip != ipaddress.ip_address(s.networks[nid]["gateway"])
                 assert a["address"] not in owned[nid].values(), f"duplicate IP {a['address']}"
                 owned[nid][t["id"]] = a["address"]
+        for svc in s.services.values():  # VIPs (issue 6): owned by "vip:<service id>"
+            for nid, addr in (svc.get("endpoint") or {}).get("vips", {}).items():
+                assert addr not in owned[nid].values(), f"duplicate IP {addr}"
+                owned[nid]["vip:" + svc["id"]] = addr
         for nid, net in s.networks.items():
             # No leak (IPAM holds an IP nobody owns) and no phantom (a task IP IPAM forgot).
             assert s.ipam.used_ips(nid) == owned[nid]
