@@ -19,6 +19,7 @@ from swarmnet.lab import netns
 from swarmnet.lab.netns import LabConfig, LabError
 
 NETWORK = "demo-net"
+PUBLISHED = 8080
 SERVICE = "web"
 
 
@@ -75,6 +76,26 @@ def _http_from_task(pid: int, ip: str) -> tuple[bool, str]:
     return False, lines[-1] if lines else f"exit {p.returncode}"
 
 
+def _http_from_netns(ns: str, hostport: str) -> tuple[bool, str]:
+    """GET http://hostport/ from inside a lab host's namespace (never from the root one)."""
+    code = (
+        "import urllib.request;"
+        f"r=urllib.request.urlopen('http://{hostport}/',timeout=5);"
+        "print(r.status, len(r.read()))"
+    )
+    p = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    if p.returncode == 0:
+        status, size = p.stdout.split()
+        return True, f"{status}, {size} bytes"
+    lines = p.stderr.strip().splitlines()
+    return False, lines[-1] if lines else f"exit {p.returncode}"
+
+
 def run(name: str = "swarmnet", hosts: int = 3, replicas: int | None = None, keep: bool = True) -> int:
     replicas = replicas or hosts
     cfg = LabConfig(name=name, hosts=hosts)
@@ -91,7 +112,10 @@ def run(name: str = "swarmnet", hosts: int = 3, replicas: int | None = None, kee
     vni = info["Options"]["com.docker.network.driver.overlay.vxlanid_list"]
     _say(f"    subnet {info['IPAM']['Config'][0]['Subnet']}, VXLAN VNI {vni}")
 
-    _say(f"==> swarmnet service create --name {SERVICE} --replicas {replicas} --network {NETWORK} -- python3 -m http.server 80")
+    _say(
+        f"==> swarmnet service create --name {SERVICE} --replicas {replicas} --network {NETWORK} "
+        f"--publish {PUBLISHED}:80 -- python3 -m http.server 80"
+    )
     c.post(
         "/services/create",
         {
@@ -101,6 +125,9 @@ def run(name: str = "swarmnet", hosts: int = 3, replicas: int | None = None, kee
                 "Networks": [{"Target": NETWORK}],
             },
             "Mode": {"Replicated": {"Replicas": replicas}},
+            "EndpointSpec": {
+                "Ports": [{"Protocol": "tcp", "TargetPort": 80, "PublishedPort": PUBLISHED}]
+            },
         },
     )
     t0 = time.monotonic()
@@ -139,6 +166,11 @@ def run(name: str = "swarmnet", hosts: int = 3, replicas: int | None = None, kee
         _say("==> the same traffic on the underlay bridge (tcpdump udp port 4789):")
         for line in lines.splitlines()[:4]:
             _say("      " + line[:150])
+    _say(f"==> the routing mesh: HTTP to every host's underlay address on :{PUBLISHED}, from h1")
+    for h in netns.status(name)["hosts"]:
+        good, out = _http_from_netns(netns.host_ns(name, "h1"), f"{h['underlay_ip']}:{PUBLISHED}")
+        ok &= good
+        _say(f"      -> {h['host']} {h['underlay_ip']}:{PUBLISHED:<6} {'OK  HTTP ' + out if good else 'FAILED ' + out}")
     opt = "" if name == "swarmnet" else f" --name {name}"
     lab_opt = "" if name == "swarmnet" else f" --lab {name}"
     _say("")
