@@ -745,3 +745,20 @@ ClusterMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestClusterMachine = ClusterMachine.TestCase
+
+
+def test_name_indexes_follow_commands_and_old_dumps_rebuild_them(s: ClusterState) -> None:
+    ok(s, net_cmd("N1", "net"))
+    ok(s, svc_cmd("S1", "web", 1, ("N1",)))
+    assert s.network_by_name("net")["id"] == "N1" and s.service_by_name("web")["id"] == "S1"
+    # A dump written before the indexes existed: unpickling rebuilds them.
+    old = dict(vars(s))
+    del old["network_names"], old["service_names"]
+    restored = ClusterState.__new__(ClusterState)
+    restored.__setstate__(old)
+    assert restored.network_by_name("net")["id"] == "N1"
+    assert restored.service_by_name("web")["id"] == "S1"
+    ok(s, {"op": "remove_service", "id": "S1", "now": NOW})
+    assert s.service_by_name("web") is None
+    ok(s, {"op": "remove_network", "id": "N1"})
+    assert s.network_by_name("net") is None
