@@ -42,6 +42,7 @@ import msgpack
 from swarmnet.gossip.config import GossipConfig
 from swarmnet.gossip.core import MemberEvent
 from swarmnet.gossip.keyring import Keyring, KeyringError
+from swarmnet.gossip.messages import NodeState
 from swarmnet.gossip.netdb import NetDBConfig, NetDBError, TableEvent
 from swarmnet.gossip.netdb_driver import NetDBNode
 from swarmnet.overlay.plan import RemoteEndpoint, mac_for_ip
@@ -93,6 +94,12 @@ def _addr(s: str) -> tuple[str, int] | None:
         return None
 
 
+WARMUP_S = 35.0
+"""How long after the gossip node starts the managers' endpoint list is merged in: longer than
+NetworkDB's periodic bulk sync (30 s), which is what refills a restarted node's tables when no
+peer sees it rejoin; bounded so that a stale manager view cannot keep a dead endpoint long."""
+
+
 class GossipEndpoints:
     """The agent's gossip component and the worker's ``EndpointSource``."""
 
@@ -127,11 +134,15 @@ class GossipEndpoints:
         self._retry: dict[tuple[str, int], tuple[float, float]] = {}  # addr -> (next, delay)
         self._published: dict[tuple[str, str], bytes] = {}
         self._desired: dict[tuple[str, str], bytes] = {}
-        self._unprogrammed: dict[tuple[str, str], float] = {}  # remote entry -> seen at
+        # remote entry -> (seen at, event number): what programmed() may log once done.
+        self._unprogrammed: dict[tuple[str, str], tuple[float, int]] = {}
+        self._events = 0  # table events counted so far
+        self.read_seq = 0  # the event count when remotes() last read the tables
         self._seen_remote: set[tuple[str, str]] = set()
         self._start_task: asyncio.Task | None = None
         self._join_task: asyncio.Task | None = None
         self._closed = False
+        self._warm_until = 0.0  # set when the gossip node starts; see WARMUP_S
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -164,6 +175,7 @@ class GossipEndpoints:
             log.error("gossip: cannot listen on %s:%d: %s", self.advertise, self.config.port, e)
             return
         self.node = node
+        self._warm_until = time.monotonic() + WARMUP_S
         self.gossip_ack = keyring_digest(record)
         log.info("gossip: node %s listening on %s:%d", self.node_id, *node.address)
         self._apply_publish()
@@ -288,7 +300,8 @@ class GossipEndpoints:
             self._unprogrammed.pop(k, None)
             self._seen_remote.discard(k)
         else:
-            self._unprogrammed.setdefault(k, time.time())
+            self._events += 1
+            self._unprogrammed.setdefault(k, (time.time(), self._events))
         if self.request_sync is not None:
             self.request_sync()
 
@@ -316,9 +329,10 @@ class GossipEndpoints:
                 desired[(nid, t["id"])] = msgpack.packb(value, use_bin_type=True)
         self._desired = desired
         self._apply_publish()
+        self.read_seq = self._events
         node = self.node
         if node is None:
-            return []
+            return self._manager_view(assignment)
         out = []
         for nid in sorted(node.networks()):
             if nid not in nets:
@@ -331,20 +345,49 @@ class GossipEndpoints:
                     out.append(RemoteEndpoint(network_id=nid, ip=str(v["ip"]), vtep=str(v["vtep"])))
                 except (ValueError, TypeError, KeyError, msgpack.ExtraData):
                     log.warning("gossip: undecodable endpoint %s/%s from %s", nid, _key, owner)
+        if time.monotonic() < self._warm_until:
+            # A (re)started node's tables are empty until its first bulk sync, and the
+            # periodic one comes only every 30 s: programming from them alone would delete
+            # every remote FDB/neighbour entry the kernel still has and cut live traffic (an
+            # agent restart must not disturb it). Until then also keep what the managers list.
+            # Never for a node gossip itself has seen die or leave: that news is fresher
+            # than any manager's list (and the managers may be the ones unreachable).
+            gone = {
+                m.address[0]
+                for m in node.members(include_dead=True)
+                if m.state in (NodeState.DEAD, NodeState.LEFT)
+            }
+            seen = {(r.network_id, r.ip) for r in out}
+            out += [
+                r
+                for r in self._manager_view(assignment)
+                if (r.network_id, r.ip) not in seen and r.vtep not in gone
+            ]
         return out
 
-    def programmed(self) -> None:
-        """The worker reconciled the kernel with our last ``remotes()``: log (with
-        wall-clock stamps, for bench/gossip_lab.py) the remote entries now programmed."""
+    @staticmethod
+    def _manager_view(assignment: dict) -> list[RemoteEndpoint]:
+        return [
+            RemoteEndpoint(network_id=e["network_id"], ip=e["address"].split("/")[0], vtep=e["vtep"])
+            for e in assignment.get("endpoints") or []
+        ]
+
+    def programmed(self, upto: int | None = None) -> None:
+        """The worker reconciled the kernel with a ``remotes()`` read: log (with wall-clock
+        stamps, for bench/gossip_lab.py) the remote entries now programmed. ``upto`` is the
+        ``read_seq`` of that read: entries whose event came later are not in the kernel yet
+        and stay pending (None: all of them)."""
         if not self._unprogrammed:
             return
         done = time.time()
-        for (nid, key), seen in sorted(self._unprogrammed.items()):
+        for (nid, key), (seen, seq) in sorted(self._unprogrammed.items()):
+            if upto is not None and seq > upto:
+                continue
+            del self._unprogrammed[(nid, key)]
             if (nid, key) in self._seen_remote:
                 continue
             self._seen_remote.add((nid, key))
             log.info("gossip: programmed endpoint %s/%s seen=%.6f done=%.6f", nid, key, seen, done)
-        self._unprogrammed.clear()
 
     def _apply_publish(self) -> None:
         node = self.node

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from swarmnet.api.docker import service_argv
+from swarmnet.kernel.errors import KernelError
 from swarmnet.kernel.types import Kernel
 from swarmnet.overlay.plan import (
     LocalAttachment,
     NodeOverlay,
     OverlayNetwork,
+    RemoteEndpoint,
+    remote_delta,
     sandbox_name,
 )
 from swarmnet.overlay.reconciler import OverlayReconciler
@@ -103,6 +106,16 @@ class Worker:
         # state and run their own (non-uvloop) event loop, which cannot live on the agent's
         # uvloop thread; one thread also serialises kernel programming.
         self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
+        # The fast path's model: the NodeOverlay the kernel was last reconciled (or
+        # fast-pathed) to; None when unknown (no pass yet, or a pass or fast path failed).
+        # Read and written ONLY on the kernel thread, so that it always describes what the
+        # ops before it in that thread's FIFO queue left in the kernel.
+        self._kernel_model: NodeOverlay | None = None
+        self._fast_scheduled = False
+        self._fast_inflight = False
+        self._fast_again = False
+        self.fastpath_applied = 0  # fast-path passes that changed the kernel
+        self.fastpath_fallbacks = 0  # fast-path passes that failed and asked for a full sync
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -205,8 +218,18 @@ class Worker:
                 await asyncio.sleep(delay)
 
     def request_sync(self) -> None:
-        """Mark dirty (an endpoint changed): one sync soon, coalesced with others."""
-        self._dirty.set()
+        """An endpoint changed (a gossip table event). Remote endpoints are programmed by the
+        fast path within a few ms (``_fast_path``: the FDB/neighbour delta only, no
+        snapshot, no hooks); a full sync (coalesced with others) follows only when the fast
+        path cannot do it (no pass yet, a failed op, an encrypted network). The periodic
+        and per-assignment full syncs repair anything else, since they diff against the
+        kernel."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._dirty.set()  # not on the loop (a test, a thread): the plain resync
+            return
+        self._fast_path()
 
     async def _resync_loop(self) -> None:
         while True:
@@ -323,9 +346,13 @@ class Worker:
             loop = asyncio.get_running_loop()
             mtu = await loop.run_in_executor(self._kx, self._underlay)
             node = self._node_overlay(assignment, running, mtu)
-            ops = await loop.run_in_executor(self._kx, self.reconciler.reconcile, node)
+            ops = await loop.run_in_executor(self._kx, self._reconcile, node)
             if ops:
-                log.info("overlay: applied %d kernel ops", len(ops))
+                log.info(
+                    "overlay: applied %d kernel ops (%s)",
+                    len(ops),
+                    ", ".join(sorted({type(o).__name__ for o in ops})),
+                )
             if self.ipsec is not None:  # removals only now that VXLAN devices/FDB are gone
                 await self.ipsec.after_reconcile(self, assignment, running)
             programmed = getattr(self.endpoints, "programmed", None)
@@ -340,6 +367,93 @@ class Worker:
             # 3. Processes.
             for t in running:
                 self.supervisor.ensure(self._task_spec(t))
+
+    def _reconcile(self, node: NodeOverlay) -> list:
+        """Kernel thread: the full pass, then remember what the kernel now holds."""
+        self._kernel_model = None
+        ops = self.reconciler.reconcile(node)
+        self._kernel_model = node
+        return ops
+
+    # ---- the fast path for remote endpoints -------------------------------------------
+
+    def _fast_path(self) -> None:
+        """Remote endpoints changed: program the FDB/neighbour delta now (see
+        ``request_sync``). Coalesced: one read of the remotes per loop iteration, and at
+        most one delta in flight (events during it cause one more after it)."""
+        if self._fast_inflight:
+            self._fast_again = True
+        elif not self._fast_scheduled:
+            self._fast_scheduled = True
+            asyncio.get_running_loop().call_soon(self._fast_start)
+
+    def _fast_start(self) -> None:
+        self._fast_scheduled = False
+        assignment = self.assignment
+        if assignment is None:
+            return
+        try:
+            remotes = self._current_remotes(assignment)
+        except Exception:
+            log.exception("overlay fast path: reading remote endpoints failed")
+            self._dirty.set()
+            return
+        # No await between reading the remotes and queueing the delta: the kernel thread
+        # runs deltas and full passes in the order their inputs were read.
+        mark = getattr(self.endpoints, "read_seq", None)  # which events this read covers
+        fut = asyncio.get_running_loop().run_in_executor(self._kx, self._fast_apply, remotes)
+        self._fast_inflight = True
+        fut.add_done_callback(lambda f: self._fast_done(f, mark))
+
+    def _current_remotes(self, assignment: dict) -> tuple[RemoteEndpoint, ...]:
+        # The same remotes as _node_overlay gathers (keep the two in step).
+        remotes = tuple(r for r in self.endpoints.remotes(assignment) if r.vtep != self.vtep)
+        for hook in self.hooks:
+            more = getattr(hook, "extra_remotes", None)
+            if more is not None:
+                remotes += tuple(r for r in more(self, assignment) if r.vtep != self.vtep)
+        return remotes
+
+    def _fast_apply(self, remotes: tuple[RemoteEndpoint, ...]) -> tuple[int, bool]:
+        """Kernel thread: apply the delta from the model to ``remotes``. Returns the ops
+        applied and whether a full sync is still needed."""
+        model = self._kernel_model
+        if model is None:
+            return 0, True  # kernel state unknown: only a full pass can do it
+        ops, new, rest_changed = remote_delta(model, remotes)
+        if ops:
+            self._kernel_model = None  # until the ops are known to be in
+            try:
+                self.kernel.apply(ops)
+            except KernelError as e:
+                log.warning("overlay fast path: %s; leaving it to a full sync", e)
+                return 0, True
+        self._kernel_model = new
+        return len(ops), rest_changed
+
+    def _fast_done(self, fut: asyncio.Future, mark: int | None) -> None:
+        self._fast_inflight = False
+        if self._fast_again:
+            self._fast_again = False
+            self._fast_path()
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is not None:
+            log.error("overlay fast path failed: %r", e)
+            n, full = 0, True
+        else:
+            n, full = fut.result()
+        if full:
+            self.fastpath_fallbacks += 1
+            self._dirty.set()
+            return
+        if n:
+            self.fastpath_applied += 1
+            log.info("overlay fast path: applied %d FDB/neighbour ops", n)
+        programmed = getattr(self.endpoints, "programmed", None)
+        if programmed is not None:
+            programmed(mark) if mark is not None else programmed()
 
     def _underlay(self) -> int:
         if self._underlay_mtu is None:

@@ -77,6 +77,14 @@ class NetDBConfig:
     formula): enough for an epidemic to reach the whole network with high probability; the
     bulk sync repairs the rest."""
 
+    owner_push_max: int = 32
+    """A node's OWN change (put, delete) also goes straight to up to this many members of the
+    network (all of them in a network this small), at once and batched per loop iteration,
+    before the epidemic gossip carries it on. The owner knows the members: a direct send
+    saves the relays' gossip ticks (up to 200 ms per hop) and the small chance that the
+    epidemic misses a member, which only the next bulk sync (30 s) would then repair. 0: off
+    (Docker's behaviour: gossip only)."""
+
     bulk_sync_s: float = 30.0
     """Full exchange of each network's table with one random member of it, and of the
     node/network membership table with one random node. Docker: 30 s. Also done at once when
@@ -123,6 +131,8 @@ class NetDBConfig:
             raise NetDBError("netdb intervals must be positive")
         if self.fanout < 1 or self.retransmit_mult < 1:
             raise NetDBError("netdb fanout and retransmit_mult must be at least 1")
+        if self.owner_push_max < 0:
+            raise NetDBError("netdb owner_push_max must be >= 0")
         if self.tombstone_s < 0 or self.failed_grace_s < 0:
             raise NetDBError("netdb tombstone_s and failed_grace_s must be >= 0")
         one = self.netdb_key_bytes_max + self.netdb_value_bytes_max + 2 * _NAME_BYTES_MAX
@@ -189,6 +199,7 @@ class NetworkDB:
         self._members: dict[str, dict[str, _NetRec]] = {}  # nid -> node -> record
         self._n_records = 0
         self._queues: dict[str, dict[str, int]] = {}  # nid -> key -> transmits left
+        self._push: dict[str, set[str]] = {}  # nid -> own keys changed, not yet pushed
         self._alive: set[str] = set()
         self._failed: dict[str, float] = {}  # name -> purge time
         self._gone: dict[str, float] = {}  # left, or failed and purged -> forget time
@@ -202,6 +213,7 @@ class NetworkDB:
         self._bulk_at = now + rng.random() * cfg.bulk_sync_s
         self._reap_at = now + cfg.reap_interval_s
         self._last_gossip_s = now - cfg.gossip_interval_s
+        self._push_at = now
 
     # ---- the driver's interface -----------------------------------------------------------
 
@@ -211,14 +223,17 @@ class NetworkDB:
         t = min(self._bulk_at, self._reap_at)
         if any(self._queues.values()):
             t = min(t, self._gossip_at)
+        if self._push:
+            t = min(t, self._push_at)
         return t
 
     def handle_timer(self, now: float) -> None:
         cfg = self.config
+        pushed = self._push_own() if self._push else set()
         if now >= self._gossip_at:
             if any(self._queues.values()):
                 self._last_gossip_s = now
-                self._gossip()
+                self._gossip(pushed)
             k = math.floor((now - self._gossip_at) / cfg.gossip_interval_s) + 1
             self._gossip_at += k * cfg.gossip_interval_s
         if now >= self._bulk_at:
@@ -265,6 +280,7 @@ class NetworkDB:
             if self._visible(e):
                 self._events.append(TableEvent("delete", nid, key, e.value, e.owner))
         self._queues.pop(nid, None)
+        self._push.pop(nid, None)
 
     def put(self, nid: str, key: str, value: bytes, now: float) -> None:
         """Create or update our entry ``key`` in ``nid``."""
@@ -285,6 +301,7 @@ class NetworkDB:
             raise NetDBError("netdb: netdb_entries_max reached")
         self._store(nid, key, e, new, now)
         self._queue(nid, key, now)
+        self._mark_push(nid, key, now)
 
     def delete(self, nid: str, key: str, now: float) -> bool:
         """Delete our entry (a tombstone, reaped after ``tombstone_s``). False if we hold no
@@ -295,6 +312,7 @@ class NetworkDB:
         self._clock += 1
         self._store(nid, key, e, _Entry(self.name, self._clock, e.value, True), now)
         self._queue(nid, key, now)
+        self._mark_push(nid, key, now)
         return True
 
     def entries(self, nid: str) -> dict[str, tuple[str, bytes]]:
@@ -652,7 +670,45 @@ class NetworkDB:
             q.pop(next(iter(q)))
             self._count("drop_queue_max")
 
-    def _gossip(self) -> None:
+    def _mark_push(self, nid: str, key: str, now: float) -> None:
+        if self.config.owner_push_max <= 0:
+            return
+        if not self._push:
+            self._push_at = now  # due at once: the driver's timer fires on the next turn
+        self._push.setdefault(nid, set()).add(key)
+
+    def _push_own(self) -> set[tuple[str, str]]:
+        """Our pending own changes, straight to (up to ``owner_push_max``) members of each
+        network. Returns the (network, key) pushed: this tick's gossip round skips them (the
+        members just got them); later rounds still carry them on, as for any change."""
+        cfg = self.config
+        pushed: set[tuple[str, str]] = set()
+        push, self._push = self._push, {}
+        for nid in sorted(push):
+            table = self._tables.get(nid)
+            peers = self._peers(nid)
+            if table is None or not peers:
+                continue
+            items = [
+                [k, e.owner, e.ltime, e.deleted, e.value]
+                for k in sorted(push[nid])
+                if (e := table.get(k)) is not None and e.owner == self.name
+            ]
+            if not items:
+                continue
+            if len(peers) > cfg.owner_push_max:
+                peers = self.rng.sample(peers, cfg.owner_push_max)
+            chunks = self._chunks(items)
+            for target in peers:
+                for chunk in chunks:
+                    self._outbound.append(
+                        (target, _pack(MSG_TABLE_EVENTS, [self.name, nid], chunk))
+                    )
+            self._count("owner_pushes", len(peers) * len(chunks))
+            pushed.update((nid, it[0]) for it in items)
+        return pushed
+
+    def _gossip(self, skip: set[tuple[str, str]] = frozenset()) -> None:  # type: ignore[assignment]
         cfg = self.config
         for nid in sorted(self._queues):
             q = self._queues[nid]
@@ -670,6 +726,8 @@ class NetworkDB:
                     e = table.get(key)
                     if e is None:
                         del q[key]
+                        continue
+                    if (nid, key) in skip:
                         continue
                     enc = [key, e.owner, e.ltime, e.deleted, e.value]
                     n = len(key.encode()) + len(e.owner.encode()) + len(e.value) + 16

@@ -224,23 +224,79 @@ def desired(node: NodeOverlay) -> Desired:
         sb.links[a.ifname] = Link(a.ifname, "veth", mtu, True, mac=mac_for_ip(ip))
         sb.addrs.add(Addr(a.ifname, str(ipaddress.IPv4Interface(a.address))))
 
+    fdb, neigh = _remote_entries(node, local_ips)
+    out.base.fdb |= fdb
+    out.base.neigh |= neigh
+    return out
+
+
+def _remote_entries(
+    node: NodeOverlay, local_ips: dict[str, set[str]]
+) -> tuple[set[FdbEntry], set[NeighEntry]]:
+    """The FDB and neighbour entries of ``node.remotes`` on the networks of ``local_ips``
+    (network id -> the local tasks' IPs there). Shared by ``desired`` and the fast path
+    (``remote_delta``), so the two can never disagree on which remote wins."""
+    nets = {n.id: n for n in node.networks}
     # One remote per (network, IP). Gossip should never announce two, but during a task
     # move the old and new entries can briefly coexist; pick deterministically (lowest VTEP)
     # so the plan does not flap with input order. A remote claiming a local task's IP is
     # ignored: the local endpoint is authoritative and answers ARP itself on the bridge.
     chosen: dict[tuple[str, str], RemoteEndpoint] = {}
     for r in sorted(node.remotes, key=lambda r: (r.network_id, r.ip, r.vtep)):
-        if r.network_id not in local_ids or r.vtep == node.vtep:
+        if r.network_id not in local_ips or r.network_id not in nets or r.vtep == node.vtep:
             continue
         if r.ip in local_ips[r.network_id]:
             continue
         chosen.setdefault((r.network_id, r.ip), r)
+    fdb: set[FdbEntry] = set()
+    neigh: set[NeighEntry] = set()
     for (nid, ip), r in chosen.items():
         vx = vxlan_name(nets[nid].vni)
         mac = mac_for_ip(ip)
-        out.base.fdb.add(FdbEntry(vx, mac, r.vtep))
-        out.base.neigh.add(NeighEntry(vx, ip, mac))
+        fdb.add(FdbEntry(vx, mac, r.vtep))
+        neigh.add(NeighEntry(vx, ip, mac))
+    return fdb, neigh
+
+
+def _fast_local_ips(node: NodeOverlay) -> dict[str, set[str]]:
+    """The networks the fast path may touch, with the local tasks' IPs on each: those with
+    a local attachment (only they have a VXLAN device) that are not encrypted (an encrypted
+    network's new VTEP needs its ESP states first, which only the full pass programs)."""
+    nets = {n.id: n for n in node.networks}
+    out: dict[str, set[str]] = {}
+    for a in node.attachments:
+        n = nets.get(a.network_id)
+        if n is None or n.encrypted:
+            continue
+        out.setdefault(a.network_id, set()).add(_ip_of(a.address))
     return out
+
+
+def remote_delta(
+    node: NodeOverlay, remotes: tuple[RemoteEndpoint, ...] | list[RemoteEndpoint]
+) -> tuple[list[Op], NodeOverlay, bool]:
+    """The fast path for remote endpoint changes (gossip table events): the FDB/neighbour ops
+    that take the entries ``desired(node)`` has to those it has with ``remotes``, and the
+    node those ops reach. Only unencrypted networks with a local attachment change; the
+    remotes of every other network are kept as ``node`` has them (the next full pass deals
+    with them). ``node`` must be what the kernel was last reconciled to (or fast-pathed to):
+    the ops are a diff against that model, not against a snapshot, and any op failing means
+    the model is wrong and a full ``plan`` must repair it. Op order is ``plan``'s.
+
+    The third value says whether ``remotes`` differ from the node's on a network the fast
+    path leaves alone: then the caller needs a full pass (and an encrypted network's ESP)."""
+    fast = _fast_local_ips(node)
+    rest = tuple(r for r in node.remotes if r.network_id not in fast)
+    rest_changed = set(rest) != {r for r in remotes if r.network_id not in fast}
+    new = replace(node, remotes=rest + tuple(r for r in remotes if r.network_id in fast))
+    cur_fdb, cur_neigh = _remote_entries(node, fast)
+    want_fdb, want_neigh = _remote_entries(new, fast)
+    ops: list[Op] = []
+    ops.extend(NeighDel(e) for e in sorted(cur_neigh - want_neigh, key=_neigh_key))
+    ops.extend(FdbDel(e) for e in sorted(cur_fdb - want_fdb, key=_fdb_key))
+    ops.extend(FdbAdd(e) for e in sorted(want_fdb - cur_fdb, key=_fdb_key))
+    ops.extend(NeighAdd(e) for e in sorted(want_neigh - cur_neigh, key=_neigh_key))
+    return ops, new, rest_changed
 
 
 def _lo_link() -> Link:
