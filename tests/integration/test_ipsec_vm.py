@@ -124,14 +124,19 @@ def test_encrypted_vni_shows_only_esp_plain_vni_shows_vxlan(lab: str) -> None:
         assert res["states"] == 2 and res["policies"] == 2 and res["vnis"] == [ENC_VNI], res
     assert program(lab, "h1", ks)["ops"] == 0  # converged: a second pass changes nothing
     lines = captured(lab, "h1", f"ping -c 5 -i 0.2 -W 5 {O2}")
-    assert len(lines) >= 10, lines
-    assert all("ESP(spi=" in line for line in lines), "\n".join(lines)
+    # Every ping of the encrypted network is ESP, and no VXLAN of its VNI is ever in clear.
+    # (The plain VNI's device may speak meanwhile, e.g. an IPv6 router solicitation: that is
+    # cleartext by design, so the check is per VNI, not "every packet is ESP".)
+    assert sum("ESP(spi=" in line for line in lines) >= 10, "\n".join(lines)
+    assert not any(f"vni {ENC_VNI}" in line for line in lines), "\n".join(lines)
+    assert not any("ICMP echo" in line for line in lines), "\n".join(lines)
     lines = captured(lab, "h1", f"ping -c 5 -i 0.2 -W 5 {P2}")
     # tcpdump prints the VXLAN header and the inner packet on two lines
     outer = [line for line in lines if "4789: VXLAN" in line]
     assert len(outer) >= 10 and all("vni 5000" in line for line in outer), "\n".join(lines)
     assert sum("ICMP echo" in line for line in lines) >= 10, "\n".join(lines)
-    assert not any("ESP" in line for line in lines), "\n".join(lines)
+    # The echoes went in clear VXLAN, not ESP (background ESP of the other VNI may appear).
+    assert sum("ESP" in line for line in lines) < 10, "\n".join(lines)
 
 
 def test_wrong_key_on_one_side_gets_nothing_through_and_is_counted(lab: str) -> None:
