@@ -238,17 +238,22 @@ def cmd_network_inspect(args) -> int:
     return 0
 
 
-def cmd_network_rm(args) -> int:
+def _remove_each(args, collection: str, keys: list[str]) -> int:
+    """`docker X rm A B C`: try every one, print what went, one error line per failure."""
     c = _client(args)
     rc = 0
-    for n in args.networks:
+    for key in keys:
         try:
-            c.delete(f"/networks/{q(n)}")
-            print(n)
+            c.delete(f"/{collection}/{q(key)}")
+            print(key)
         except APIError as e:
             print(f"Error response from daemon: {e.message}", file=sys.stderr)
             rc = 1
     return rc
+
+
+def cmd_network_rm(args) -> int:
+    return _remove_each(args, "networks", args.networks)
 
 
 # ---- services -----------------------------------------------------------------------
@@ -417,16 +422,7 @@ def cmd_service_scale(args) -> int:
 
 
 def cmd_service_rm(args) -> int:
-    c = _client(args)
-    rc = 0
-    for s in args.services:
-        try:
-            c.delete(f"/services/{q(s)}")
-            print(s)
-        except APIError as e:
-            print(f"Error response from daemon: {e.message}", file=sys.stderr)
-            rc = 1
-    return rc
+    return _remove_each(args, "services", args.services)
 
 
 # ---- exec and agent -----------------------------------------------------------------
