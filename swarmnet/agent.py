@@ -52,6 +52,10 @@ class AgentOptions:
     tlscacert: Path | None = None  # CA whose certificates are admitted as API clients
     tlscert: Path | None = None  # the API server's certificate chain
     tlskey: Path | None = None  # ... and its key
+    # Load balancer of task sandboxes: "auto" takes IPVS where the kernel has it, else
+    # nftables; "ipvs" or "nft" force one (an absent IPVS is then a task error, not a
+    # silent fallback).
+    lb_backend: str = "auto"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -249,7 +253,9 @@ class Agent:
             kernel=self.kernel,
         )
         if hasattr(self.worker, "hooks"):  # not a stand-in worker (API unit tests)
-            self.worker.hooks.append(ServicesHook())  # embedded DNS, VIPs, mesh (issue 6)
+            # embedded DNS, VIPs, mesh (issue 6)
+            lb = {} if self.opts.lb_backend == "auto" else {"lb_backend": self.opts.lb_backend}
+            self.worker.hooks.append(ServicesHook(**lb))  # TRANSIENT until the hook takes it
         self.worker.ipsec = ipsec_hook_for(self.kernel, self.opts.data_dir)  # --opt encrypted
         await self._start_gossip(self.worker)
         await self.worker.start()
@@ -309,6 +315,31 @@ class Agent:
             "keys": len(node.keyring.keys),
             "metrics": node.metrics(),
         }
+
+    async def metrics(self) -> dict:
+        """Counters of every part of this node, for ``GET /swarmnet/metrics`` (JSON) and
+        ``GET /metrics`` (Prometheus text). The XFRM counters are read from the kernel now
+        (on the worker's kernel thread), not from the last sync's snapshot, so that a burst
+        of tampered packets shows at once."""
+        out: dict[str, dict] = {}
+        g = self.gossip
+        if g is not None:
+            out["gossip"] = dict(g.metrics())
+        w = self.worker
+        if w is not None and hasattr(w, "hooks"):
+            out["worker"] = {"fastpath_fallbacks": int(getattr(w, "fastpath_fallbacks", 0))}
+            for h in w.hooks:
+                dns = getattr(h, "dns", None)
+                if dns is not None:
+                    out["dns"] = dns.counters.as_dict()
+            hook = getattr(w, "ipsec", None)
+            if hook is not None:
+                try:
+                    out["ipsec"] = await w.run_in_kernel_thread(hook.fresh_metrics)
+                except Exception as e:  # metrics must not fail because XFRM is unreadable
+                    log.warning("metrics: xfrm counters unreadable: %s", e)
+                    out["ipsec"] = hook.metrics()
+        return out
 
     # ---- certificates ---------------------------------------------------------------
 

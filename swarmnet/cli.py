@@ -103,6 +103,37 @@ def cmd_swarm_rotate_gossip_key(args) -> int:
     return 0
 
 
+def print_json(doc: object) -> None:
+    print(json.dumps(doc, indent=4))
+
+
+def cmd_swarm_rotate_ipsec_key(args) -> int:
+    print_json(_client(args).post("/swarmnet/ipsec/rotate", {}))
+    return 0
+
+
+def cmd_swarm_ipsec(args) -> int:
+    print_json(_client(args).get("/swarmnet/ipsec"))
+    return 0
+
+
+def cmd_swarm_update(args) -> int:
+    body = {
+        k: v
+        for k, v in (
+            ("interval_s", args.ipsec_rotation_interval),
+            ("threshold_packets", args.ipsec_rotation_packets),
+            ("grace_s", args.ipsec_rotation_grace),
+        )
+        if v is not None
+    }
+    if not body:
+        print("swarm update: nothing to change (see --help)", file=sys.stderr)
+        return 2
+    print_json(_client(args).post("/swarmnet/ipsec/config", body))
+    return 0
+
+
 def cmd_swarm_join_token(args) -> int:
     c = _client(args)
     if args.rotate:
@@ -468,6 +499,7 @@ def cmd_agent(args) -> int:
         tlscacert=Path(args.tlscacert) if args.tlscacert else None,
         tlscert=Path(args.tlscert) if args.tlscert else None,
         tlskey=Path(args.tlskey) if args.tlskey else None,
+        lb_backend=args.lb_backend,
     )
     try:
         import uvloop
@@ -498,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tlscacert", help="with --tlsverify: the CA that signs API clients' certificates")
     a.add_argument("--tlscert", help="with --tlsverify: the API server's certificate (chain)")
     a.add_argument("--tlskey", help="with --tlsverify: the API server's key")
+    a.add_argument("--lb-backend", choices=["auto", "ipvs", "nft"], default="auto", help="load balancer of task sandboxes: IPVS where the kernel has it (auto), or forced")
     a.add_argument("--debug", action="store_true")
     a.set_defaults(func=cmd_agent)
 
@@ -519,6 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_swarm_join_token)
     x = sw.add_parser("rotate-gossip-key", help="new gossip key on every node (install, use, remove)")
     x.set_defaults(func=cmd_swarm_rotate_gossip_key)
+    x = sw.add_parser("rotate-ipsec-key", help="new key for encrypted overlays now (make-before-break)")
+    x.set_defaults(func=cmd_swarm_rotate_ipsec_key)
+    x = sw.add_parser("ipsec", help="the encrypted overlays' key schedule (no key material)")
+    x.set_defaults(func=cmd_swarm_ipsec)
+    x = sw.add_parser("update", help="cluster settings")
+    x.add_argument("--ipsec-rotation-interval", type=float, metavar="SECONDS", help="rotate keys of encrypted overlays this often (default 12 h)")
+    x.add_argument("--ipsec-rotation-packets", type=int, metavar="N", help="rotate once a node sent N packets under the current key (default 2^31)")
+    x.add_argument("--ipsec-rotation-grace", type=float, metavar="SECONDS", help="keep the old key this long after every node switched (default 30 s)")
+    x.set_defaults(func=cmd_swarm_update)
     x = sw.add_parser("leave")
     x.add_argument("-f", "--force", action="store_true")
     x.set_defaults(func=cmd_swarm_leave)

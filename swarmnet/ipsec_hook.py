@@ -192,10 +192,15 @@ class IpsecHook:
 
     # ---- reports --------------------------------------------------------------------
 
-    def metrics(self) -> dict[str, int]:
+    def fresh_metrics(self) -> dict[str, int]:
+        """``metrics`` of the kernel's state now (kernel thread: it reads XFRM)."""
+        return self.metrics(self.xfrm.snapshot())
+
+    def metrics(self, snap: XfrmSnapshot | None = None) -> dict[str, int]:
         """XFRM error counters (/proc/net/xfrm_stat, non-zero ones) and ICV failures of our
-        SAs: tampered packets and packets under a wrong or removed key."""
-        snap = self.last_snapshot
+        SAs: tampered packets and packets under a wrong or removed key. Of ``snap``, or of
+        the last sync's snapshot."""
+        snap = snap if snap is not None else self.last_snapshot
         if snap is None:
             return {}
         out = {k: v for k, v in snap.stats.items() if v}

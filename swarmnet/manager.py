@@ -39,7 +39,7 @@ from aiohttp import web
 
 from swarmnet import pki
 from swarmnet.api.docker import join_token, new_id
-from swarmnet.ipsec.control import IpsecDriver, ipsec_assignment
+from swarmnet.ipsec.control import IpsecDriver, ipsec_assignment, ipsec_status
 from swarmnet.orchestrator import scheduler
 from swarmnet.raft.state import TASK_TERMINAL, ClusterState, service_network_ids
 from swarmnet.raft.store import RaftConfig, Store, StoreError
@@ -590,6 +590,19 @@ class Manager:
         """Operator request: rotate the encrypted overlays' key now (make-before-break)."""
         assert self.store is not None
         result = await self.store.submit({"op": "ipsec_rotate"})
+        self._kick.set()
+        return result
+
+    def ipsec_status(self) -> dict:
+        """The key schedule without key material (``swarmnet swarm ipsec``)."""
+        assert self.store is not None
+        return self.store.read(lambda s: ipsec_status(s, self.ipsec.cfg))
+
+    async def configure_ipsec(self, settings: dict) -> dict:
+        """Rotation settings (interval, packet threshold, grace), validated by the state
+        machine; the leader's next pass uses them."""
+        assert self.store is not None
+        result = await self.store.submit({"op": "ipsec_config", **settings})
         self._kick.set()
         return result
 

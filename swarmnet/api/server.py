@@ -403,9 +403,67 @@ class API:
         await self._manager().rotate_gossip_key()
         return web.json_response({"ok": True})
 
+    async def ipsec_status(self, request: web.Request) -> web.Response:
+        """The encrypted overlays' key schedule, without key material."""
+        return web.json_response(self._manager().ipsec_status())
+
+    async def ipsec_rotate(self, request: web.Request) -> web.Response:
+        """Rotate the key now (make-before-break; a no-op while a rotation runs)."""
+        m = self._manager()
+        result = await m.rotate_ipsec_key()
+        if "error" in result:
+            e = result["error"]
+            raise CommandError(e.get("status", 500), e.get("field", ""), e.get("message", ""))
+        return web.json_response(m.ipsec_status())
+
+    async def ipsec_config(self, request: web.Request) -> web.Response:
+        """Rotation settings: ``interval_s``, ``threshold_packets``, ``grace_s``."""
+        m = self._manager()
+        body = await _json(request)
+        fields = ("interval_s", "threshold_packets", "grace_s")
+        if not isinstance(body, dict):
+            raise CommandError(400, "body", "body: a JSON object is expected")
+        for k in body:
+            if k not in fields:
+                raise CommandError(400, k, f"unknown field {k!r}; expected one of {fields}")
+        if not body:
+            raise CommandError(400, "body", f"give at least one of {fields}")
+        await self._submit({"op": "ipsec_config", **body})
+        return web.json_response(m.ipsec_status())
+
+    async def metrics_json(self, request: web.Request) -> web.Response:
+        """This node's counters (gossip drops per reason, DNS outcomes, XFRM errors...)."""
+        return web.json_response(await self.agent.metrics())
+
+    async def metrics_prometheus(self, request: web.Request) -> web.Response:
+        """The same counters in the Prometheus text format (what a scraper expects)."""
+        lines: list[str] = []
+        for section, values in sorted((await self.agent.metrics()).items()):
+            for name, value in sorted(values.items()):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                metric = prom_name(f"swarmnet_{section}_{name}")
+                lines += [f"# TYPE {metric} untyped", f"{metric} {value}"]
+        return web.Response(
+            text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8"
+        )
+
     async def gossip_status(self, request: web.Request) -> web.Response:
         """This node's gossip view: members, networks, drop counters."""
         return web.json_response(self.agent.gossip_status())
+
+
+def prom_name(name: str) -> str:
+    """A Prometheus metric name ([a-z_][a-z0-9_]*): the kernel's CamelCase XFRM counter
+    names in snake case (``XfrmInNoStates`` -> ``xfrm_in_no_states``), anything else that
+    is not a letter or digit an underscore."""
+    out: list[str] = []
+    for i, c in enumerate(name):
+        if c.isupper() and i and (name[i - 1].islower() or name[i - 1].isdigit()):
+            out.append("_")
+        out.append(c.lower() if c.isascii() and c.isalnum() else "_")
+    text = "".join(out)
+    return text if not text[:1].isdigit() else "_" + text
 
 
 def _now() -> str:
@@ -445,6 +503,11 @@ def make_app(agent: Agent) -> web.Application:
         ("GET", "/swarmnet/local-tasks", api.local_tasks),
         ("POST", "/swarmnet/rotate-gossip-key", api.rotate_gossip_key),
         ("GET", "/swarmnet/gossip", api.gossip_status),
+        ("GET", "/swarmnet/ipsec", api.ipsec_status),
+        ("POST", "/swarmnet/ipsec/rotate", api.ipsec_rotate),
+        ("POST", "/swarmnet/ipsec/config", api.ipsec_config),
+        ("GET", "/swarmnet/metrics", api.metrics_json),
+        ("GET", "/metrics", api.metrics_prometheus),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

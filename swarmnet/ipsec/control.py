@@ -93,6 +93,18 @@ class IpsecDriver:
         self.clock = clock  # wall clock: key ages survive leader changes
         self.counters: dict[str, dict[int, int]] = {}
 
+    def config(self, overrides: dict | None = None) -> RotationConfig:
+        """The driver's defaults with the operator's settings from the store on top (they
+        are validated by the state machine, and again here: ESN is always on)."""
+        o = overrides or {}
+        cfg = RotationConfig(
+            interval_s=float(o.get("interval_s", self.cfg.interval_s)),
+            grace_s=float(o.get("grace_s", self.cfg.grace_s)),
+            threshold_packets=int(o.get("threshold_packets", self.cfg.threshold_packets)),
+        )
+        cfg.validate(esn=True)
+        return cfg
+
     async def report(self, store, node_id: str, body: Any) -> None:
         facts, counters = parse_report(body)
         if counters:
@@ -109,7 +121,8 @@ class IpsecDriver:
         view = store.read(_view)
         if view is None:
             return
-        sched, parts, acked, any_encrypted = view
+        sched, parts, acked, any_encrypted, overrides = view
+        cfg = self.config(overrides)
         now = self.clock()
         if sched.get("keyset") is None:
             if not any_encrypted:
@@ -125,7 +138,7 @@ class IpsecDriver:
                 del self.counters[nid]
         rot = KeyRotation(
             old,
-            self.cfg,
+            cfg,
             nodes=set(parts),
             acked={n: acked.get(n, 0) for n in parts},
             phase=sched.get("phase", STEADY),
@@ -176,4 +189,40 @@ def _view(s: ClusterState):
     parts = ipsec_participants(s)
     acked = {nid: int((s.nodes[nid].get("ipsec") or {}).get("applied", 0)) for nid in parts}
     any_encrypted = any(n.get("encrypted") for n in s.networks.values())
-    return dict(s.ipsec()), parts, acked, any_encrypted
+    return dict(s.ipsec()), parts, acked, any_encrypted, dict(s.cluster.get("ipsec_config") or {})
+
+
+def ipsec_status(s: ClusterState, defaults: RotationConfig | None = None) -> dict:
+    """What an operator may see of the key schedule: versions, key ids and ages, the phase,
+    each node's progress, the effective rotation settings. Never key material."""
+    sched = s.ipsec()
+    ks = sched.get("keyset") or {}
+    parts = ipsec_participants(s) if s.cluster is not None else {}
+    overrides = dict((s.cluster or {}).get("ipsec_config") or {})
+    cfg = IpsecDriver(defaults).config(overrides)
+    return {
+        "version": int(ks.get("version", 0)),
+        "primary": ks.get("primary"),
+        "keys": [
+            {"id": int(k["key_id"]), "created_at": float(k["created_at"])}
+            for k in ks.get("keys") or []
+        ],
+        "phase": sched.get("phase", STEADY),
+        "since": float(sched.get("since", 0.0)),
+        "force": bool(sched.get("force")),
+        "config": {
+            "interval_s": cfg.interval_s,
+            "grace_s": cfg.grace_s,
+            "threshold_packets": cfg.threshold_packets,
+        },
+        "nodes": {
+            nid: {
+                "hostname": n.get("hostname", ""),
+                "esp": (n.get("ipsec") or {}).get("esp"),
+                "applied": int((n.get("ipsec") or {}).get("applied", 0)),
+                "participant": nid in parts,
+                "networks": sorted(parts.get(nid, ())),
+            }
+            for nid, n in sorted(s.nodes.items())
+        },
+    }

@@ -691,6 +691,33 @@ class ClusterState:
         self._bump()
         return {"ok": True}
 
+    def _cmd_ipsec_config(self, cmd: dict) -> dict:
+        """The operator's rotation settings (``swarm update --ipsec-rotation-*``): kept beside
+        the key schedule, not in it, because every key-set publication replaces that record.
+        Only the given fields change; the result is validated as a whole (ESN is always on,
+        so the packet threshold may exceed 2^31)."""
+        cluster = self._require_cluster()
+        cur = dict(cluster.get("ipsec_config") or {})
+        limits = {
+            "interval_s": (1.0, 10 * 365 * 86400.0),
+            "grace_s": (0.0, 86400.0),
+            "threshold_packets": (1, 1 << 62),
+        }
+        for field, (lo, hi) in limits.items():
+            if field not in cmd or cmd[field] is None:
+                continue
+            v = cmd[field]
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise CommandError(400, field, f"{field} must be a number")
+            if not lo <= v <= hi:
+                raise CommandError(400, field, f"{field} must be between {lo:g} and {hi:g}")
+            cur[field] = int(v) if field == "threshold_packets" else float(v)
+        if cur == (cluster.get("ipsec_config") or {}):
+            return {"ok": True, "noop": True}
+        cluster["ipsec_config"] = cur
+        self._bump()
+        return {"ok": True}
+
     def _cmd_ipsec_node(self, cmd: dict) -> dict:
         """A node's IPsec facts as it reported them over the node channel: ``esp`` (can its
         kernel do ESP), ``epoch`` (its sender epoch, ipsec.keys) and ``applied`` (the newest

@@ -29,7 +29,7 @@ import swarmnet.agent as agent_mod
 import swarmnet.manager as manager_mod
 from swarmnet.agent import Agent, AgentOptions
 from swarmnet.api import docker as D
-from swarmnet.api.server import NOT_MANAGER, make_app
+from swarmnet.api.server import NOT_MANAGER, make_app, prom_name
 from swarmnet.kernel.fake import FakeKernel
 from swarmnet.manager import Manager, ManagerConfig
 from swarmnet.raft.store import RaftConfig
@@ -404,6 +404,44 @@ async def test_services_and_tasks(h: Harness) -> None:
     assert status == 404
     remaining = await h.ok("GET", "/tasks")
     assert all(t["DesiredState"] == "remove" for t in remaining)
+
+
+async def test_ipsec_settings_rotation_and_metrics(h: Harness) -> None:
+    status, body, _ = await h.call("GET", "/swarmnet/ipsec")
+    assert status == 503, body  # a manager's view
+    await h.init()
+    st = await h.ok("GET", "/swarmnet/ipsec")
+    assert st["version"] == 0 and st["phase"] == "steady" and st["keys"] == []
+    assert st["config"] == {"interval_s": 43200.0, "grace_s": 30.0, "threshold_packets": 1 << 31}
+    before = h.snapshot()
+    for body, field in (
+        ({"bogus": 1}, "bogus"),
+        ({"grace_s": -1}, "grace_s"),
+        ({"threshold_packets": "x"}, "threshold_packets"),
+        ({}, "body"),
+        ([1], "body"),
+    ):
+        status, resp, _ = await h.call("POST", "/swarmnet/ipsec/config", json=body)
+        assert status == 400 and field in resp["message"], (body, status, resp)
+    assert h.snapshot() == before
+    st = await h.ok("POST", "/swarmnet/ipsec/config", json={"grace_s": 5, "threshold_packets": 9})
+    assert st["config"]["grace_s"] == 5.0 and st["config"]["threshold_packets"] == 9
+    st = await h.ok("POST", "/v1.51/swarmnet/ipsec/rotate")
+    assert st["force"] is True  # no encrypted network yet: asked, done at the first key set
+    metrics = await h.ok("GET", "/swarmnet/metrics")
+    assert isinstance(metrics, dict)
+    status, text, headers = await h.call("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert all(
+        re.fullmatch(r"# TYPE swarmnet_[a-z0-9_]+ untyped|swarmnet_[a-z0-9_]+ -?[0-9.e+]+", line)
+        for line in text.strip().splitlines()
+    ), text
+
+
+def test_prometheus_names() -> None:
+    assert prom_name("swarmnet_ipsec_XfrmInNoStates") == "swarmnet_ipsec_xfrm_in_no_states"
+    assert prom_name("swarmnet_gossip_drop.bad-crc") == "swarmnet_gossip_drop_bad_crc"
+    assert prom_name("9lives") == "_9lives"
 
 
 async def test_bad_json_and_filters_are_4xx(h: Harness) -> None:

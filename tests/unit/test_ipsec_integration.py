@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmnet.ipsec.control import IpsecDriver, ipsec_assignment, parse_report
+from swarmnet.ipsec.control import IpsecDriver, ipsec_assignment, ipsec_status, parse_report
 from swarmnet.ipsec.keys import KeySet
 from swarmnet.ipsec.plan import encrypted_mtu
 from swarmnet.ipsec.rotation import INSTALLING, STEADY, SWITCHING, RotationConfig
@@ -430,3 +430,51 @@ async def test_restart_with_sas_in_the_kernel_keeps_the_epoch(tmp_path: Path) ->
     assert h2._choose_epoch() == 1  # SAs survived: same SPIs are still right
     h3 = IpsecHook(FakeXfrm(), epoch_path=tmp_path / "e", esp_probe=lambda: (True, ""))
     assert h3._choose_epoch() == 2  # flushed: new epoch, new SPIs (no replay-window trap)
+
+
+# ---------------------------------------------------------------- operator settings
+
+
+def test_ipsec_config_is_validated_and_merged() -> None:
+    state = cluster()
+    before = state.index
+    for bad, field in (
+        ({"interval_s": 0}, "interval_s"),
+        ({"grace_s": -1}, "grace_s"),
+        ({"threshold_packets": 0}, "threshold_packets"),
+        ({"threshold_packets": "many"}, "threshold_packets"),
+        ({"interval_s": True}, "interval_s"),
+    ):
+        r = state.apply({"op": "ipsec_config", **bad})
+        assert r["error"]["field"] == field, r
+    assert state.index == before and "ipsec_config" not in state.cluster
+    assert state.apply({"op": "ipsec_config", "threshold_packets": 100}) == {"ok": True}
+    assert state.apply({"op": "ipsec_config", "grace_s": 2}) == {"ok": True}
+    assert state.cluster["ipsec_config"] == {"threshold_packets": 100, "grace_s": 2.0}
+    assert state.apply({"op": "ipsec_config", "grace_s": 2})["noop"] is True
+    cfg = IpsecDriver().config(state.cluster["ipsec_config"])
+    assert (cfg.threshold_packets, cfg.grace_s, cfg.interval_s) == (100, 2.0, 12 * 3600.0)
+
+
+async def test_packet_threshold_from_the_store_starts_a_rotation(world) -> None:
+    """The leader's driver was built with the default threshold (2^31); the operator's
+    setting in the store (``swarm update --ipsec-rotation-packets``) is what counts."""
+    state, store, driver, nodes = world
+    service(state, "web", ["sec"])
+    task(state, "w1", "web", 1, "n1")
+    task(state, "w2", "web", 2, "n2")
+    await converge(state, store, driver, nodes)
+    ks = KeySet.from_dict(state.ipsec()["keyset"])
+    await driver.report(store, "n1", {"counters": {str(ks.primary): 500}})
+    await driver.step(store)
+    assert state.ipsec()["phase"] == STEADY  # 500 < 2^31: nothing to do
+    assert state.apply({"op": "ipsec_config", "threshold_packets": 400}) == {"ok": True}
+    await driver.step(store)
+    assert state.ipsec()["phase"] == INSTALLING
+    status = ipsec_status(state)
+    assert status["phase"] == INSTALLING and status["config"]["threshold_packets"] == 400
+    assert status["nodes"]["n1"]["participant"] and not status["nodes"]["n3"]["participant"]
+    # The status is for operators: ids and ages, never key material.
+    text = repr(status)
+    for k in KeySet.from_dict(state.ipsec()["keyset"]).keys:
+        assert k.material.hex() not in text
