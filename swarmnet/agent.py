@@ -664,6 +664,8 @@ class Agent:
                     "You are attempting to leave the swarm on a node that is participating as a manager. "
                     "Removing the last manager erases all current state of the swarm. Use --force to ignore this message.",
                 )
+            if self.manager is not None:
+                await self.manager.step_down()  # the cluster stops counting us in its quorum
             if self.gossip is not None:
                 await self.gossip.close(leave=True)
                 self.gossip = None

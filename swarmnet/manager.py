@@ -756,6 +756,27 @@ class Manager:
         self._kick.set()
         return result
 
+    async def step_down(self, timeout_s: float = 10.0) -> bool:
+        """Before ``swarm leave --force`` on a manager: demote ourselves, so that the leader's
+        membership pass drops our Raft address and the quorum shrinks with us. Otherwise
+        the cluster would keep counting an absent member (4 members with one gone leave no
+        room for another failure; 3 do). The removal itself needs only the remaining
+        members, so we need not wait for it. Best effort: the last manager, or one without
+        quorum, leaves anyway (that is what --force says)."""
+        if self.store is None or len(self.store.members()) <= 1:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await self.update_node(self.node_id, None, {"Role": "worker"})
+        except (TimeoutError, StoreError) as e:
+            log.warning("leave: could not step down from the Raft cluster: %s", e)
+            return False
+        if "error" in result:
+            log.warning("leave: could not step down: %s", result["error"].get("message"))
+            return False
+        log.info("left the manager set; the leader removes our Raft address")
+        return True
+
     async def remove_node(self, node_id: str, force: bool) -> dict:
         assert self.store is not None
         result = await self.store.submit(

@@ -175,6 +175,43 @@ def test_sigkill_a_follower_during_network_creations(lab: Lab) -> None:
     _kill_and_check(lab, follower, "fk")
 
 
+def test_promote_a_worker_then_leave_force_shrinks_the_quorum(lab: Lab) -> None:
+    """A worker promoted through the API becomes a reachable manager; when it then leaves
+    with --force, the Raft membership drops it, so the 3 remaining managers still tolerate
+    one failure (had the absent member been kept, 2 of 4 would be no quorum)."""
+    c = lab.client(lab.leader())
+    node = next(n for n in c.get("/nodes") if n["Description"]["Hostname"] == "h4")
+    c.post(
+        f"/nodes/{node['ID']}/update",
+        {"Role": "manager", "Availability": "active"},
+        version=node["Version"]["Index"],
+    )
+    four = ["Leader", "reachable", "reachable", "reachable"]
+    wait_for(lambda: sorted(lab.manager_status("h1").values()) == four, "4 managers on h1")
+    wait_for(lambda: sorted(lab.manager_status("h4").values()) == four, "h4 serving as manager")
+
+    lab.client("h4", timeout=60.0).post("/swarm/leave", {}, force="true")
+    three = ["Leader", "reachable", "reachable"]
+    for h in lab.managers:
+        wait_for(lambda h=h: sorted(lab.manager_status(h).values()) == three, f"3 managers on {h}")
+
+    leader = lab.leader()
+    victim = next(h for h in lab.managers if h != leader)
+    netns.stop(lab.name, victim)
+    lab.down.add(victim)
+    try:
+
+        def write() -> bool:
+            lab.client(leader).post("/networks/create", {"Name": "after-leave", "Driver": "overlay"})
+            return True
+
+        wait_for(write, "a write committed by 2 of the 3 remaining managers")
+    finally:
+        netns.start(lab.name, victim)
+        lab.down.discard(victim)
+    wait_for(lambda: "after-leave" in lab.networks(victim), "the restarted manager caught up")
+
+
 def test_five_managers_smoke() -> None:
     if os.geteuid() != 0:
         pytest.skip("the netns lab needs root")
