@@ -210,6 +210,20 @@ def parse_service_spec(body: Any, resolve_network) -> dict:
 
 PUBLISH_MODES = ("ingress", "host")
 PORT_PROTOCOLS = ("tcp", "udp")
+# The agent's own ports: a published port answers on every node (ingress) or on the task's
+# node (host), in front of the agent, so these would cut nodes off the swarm.
+RESERVED_PORTS = {
+    ("tcp", 2377): "the manager's node channel",
+    ("tcp", 7946): "gossip",
+    ("udp", 7946): "gossip",
+    ("udp", 4789): "VXLAN",
+}
+
+
+def _unset(value: Any) -> bool:
+    """Absent, null or "" means the default (the docker CLI sends "" for an unset mode);
+    any other falsy value ([], false, 0.0) is a mistake to report, not a default."""
+    return value is None or value == "" and isinstance(value, str)
 
 
 def _port_number(value: Any, field: str, allow_zero: bool) -> int:
@@ -231,16 +245,24 @@ def parse_ports(value: Any, ep_mode: str) -> list[dict]:
     for i, p in enumerate(value):
         f = f"EndpointSpec.Ports[{i}]"
         p = _obj(p, f)
-        proto = p.get("Protocol") or "tcp"
-        if proto not in PORT_PROTOCOLS:
+        proto = "tcp" if _unset(p.get("Protocol")) else p["Protocol"]
+        if not isinstance(proto, str) or proto not in PORT_PROTOCOLS:
             raise bad(f"{f}.Protocol", f"protocol must be tcp or udp, not {proto!r}")
-        mode = p.get("PublishMode") or "ingress"
-        if mode not in PUBLISH_MODES:
+        mode = "ingress" if _unset(p.get("PublishMode")) else p["PublishMode"]
+        if not isinstance(mode, str) or mode not in PUBLISH_MODES:
             raise bad(f"{f}.PublishMode", f"publish mode must be ingress or host, not {mode!r}")
         if "TargetPort" not in p:
             raise bad(f"{f}.TargetPort", "TargetPort is required")
         target = _port_number(p.get("TargetPort"), f"{f}.TargetPort", allow_zero=False)
-        published = _port_number(p.get("PublishedPort") or 0, f"{f}.PublishedPort", allow_zero=True)
+        published = p.get("PublishedPort")
+        published = _port_number(
+            0 if published is None else published, f"{f}.PublishedPort", allow_zero=True
+        )
+        if (proto, published) in RESERVED_PORTS:
+            raise bad(
+                f"{f}.PublishedPort",
+                f"port {published}/{proto} is reserved for {RESERVED_PORTS[proto, published]}",
+            )
         if mode == "host" and published == 0:
             raise bad(f"{f}.PublishedPort", "a host-mode publish needs an explicit PublishedPort")
         if mode == "ingress" and ep_mode == "dnsrr":
