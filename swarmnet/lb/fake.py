@@ -1,9 +1,10 @@
 """An in-memory load-balancer backend with the kernel's semantics, and a packet tracer.
 
 It is the nftables backend minus the kernel: ``sync`` builds the very same transaction
-(``plan.nft_full`` / ``plan.nft_changes``) and applies it to an in-memory table the way
-nf_tables does (knftables' ``Fake``): on a copy, committed only if every op succeeds; adding
-an existing chain is a no-op, flushing or deleting a missing one is ENOENT, deleting a chain
+(``plan.nft_full`` / ``plan.nft_changes``; the nft backend renders the first for
+libnftables and encodes the second as netlink with ``nft_netlink``) and applies it to an
+in-memory table the way nf_tables does (knftables' ``Fake``): on a copy, committed only if
+every op succeeds; adding an existing chain is a no-op, flushing or deleting a missing one is ENOENT, deleting a chain
 that a map element still points at or that still has rules is EBUSY, a map element added
 twice with another target is EEXIST. ``trace`` then walks a packet through the table as
 the kernel would (base chain -> ``services`` vmap -> service chain -> numgen map -> DNAT),

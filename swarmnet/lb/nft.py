@@ -1,6 +1,6 @@
 """The nftables load-balancer backend. KERNEL BOUNDARY: every nft call of swarmnet's load
-balancer is in this module (DESIGN principle 2); nothing else in ``swarmnet.lb`` talks to
-the kernel's nf_tables.
+balancer is in this module and its netlink encoder ``nft_netlink`` (DESIGN principle 2);
+nothing else in ``swarmnet.lb`` talks to the kernel's nf_tables.
 
 What it programs, in table ``inet swarmnet`` that it owns (nothing else is touched, and no
 one else should touch it; kube-proxy's rule for its own table)::
@@ -19,20 +19,45 @@ or ICMP port unreachable (a clear refusal, not a black hole; TCP RST because ICM
 rate limited, so a burst of connects would time out).
 
 Why one DNAT map per service chain and NO per-backend chains (kube-proxy has ``endpoint-*``
-chains): libnftables refetches its cache of the table's chains before every command that
-adds rules or elements, because our own previous commit bumped the ruleset generation.
-Measured here with 1,000 services x 10 backends: with a chain per backend (11,000 chains) one
-change costs 14-20 ms and the full load 0.47-0.64 s (only ~25x apart); with 1,000 chains a
-change costs ~2.5 ms and the full load 0.18-0.20 s. kube-proxy needs endpoint chains for
-per-endpoint masquerade and session affinity, which we do not have.
+chains): with a chain per backend (11,000 chains) the full load cost 0.47-0.64 s against
+0.18-0.20 s with 1,000 chains, and every libnftables command refetches all chains of the
+table. kube-proxy needs endpoint chains for per-endpoint masquerade and session affinity,
+which we do not have.
 
-Updates: ``sync`` renders ``plan.nft_changes`` (only the changed service chains and map
-elements) and commits it as ONE transaction (one ``nft_run_cmd_from_buffer``) on ONE
-persistent libnftables context (ctypes, ``libnftables.so.1``). Full sync renders
-``plan.nft_full``: add+delete+add of the table and everything in it, again one atomic
-transaction, so a recovery never shows a half-programmed table. Without libnftables the
-backend falls back to ``nft -f -`` (correct but each call costs a process start and a full
-cache load, so incremental updates lose their advantage).
+Updates: a full sync renders ``plan.nft_full`` (add+delete+add of the table and everything
+in it) and commits it as ONE libnftables transaction (one ``nft_run_cmd_from_buffer`` on a
+persistent context, ctypes, ``libnftables.so.1``), so a recovery never shows a
+half-programmed table. An incremental ``sync`` takes ``plan.nft_changes`` (only the changed
+service chains and map elements: for one backend change, ``flush chain svc-X`` + the new
+``numgen`` rule with its anonymous map) and sends it as ONE nfnetlink batch that we encode
+ourselves (``nft_netlink``): the same kernel transaction, atomic, byte for byte what nft
+would send, but without libnftables' cache.
+
+Why (issue 6; 1,000 services x 10 backends, nft 1.0.6, same-run figures in
+bench/lb_nft.py): libnftables refetches its cache before every command that adds rules or
+elements, because our own previous commit bumped the ruleset generation. For ``add rule`` it
+fetches the table's chains, sets, objects and flowtables; for ``add element`` too (measured
+with ``nft --debug=mnl``: GETGEN, GETTABLE, GETCHAIN, GETSET, GETOBJ before the batch), and
+the sets include the 1,000 anonymous maps. So one change cost 6-8 ms (28-32x faster than a
+full load, goal 50x) whatever its size. Options measured:
+
+- set-element updates on per-service named maps (fixed slots) through libnftables: an
+  ``add element`` alone still cost >= 2.9 ms (same cache), a change of the weights' total
+  would still need a rule, and fixed slots make weights approximate. Rejected.
+- our own netlink batch (chosen): ~0.5 ms of CPU per change at 1,000 services (0.08 ms at
+  10: the rest is the kernel's own per-table work, e.g. finding ``__map%d`` among 1,000
+  sets), no rule handles needed (DELRULE by chain = flush), nothing to keep in sync with
+  libnftables, and the table still reads back through libnftables for ``dump`` and a full
+  resync. ``plan.diff`` was also made ~6x cheaper (one compare string per service; it was
+  ~2 ms of the old 7 ms change), as it runs on every sync.
+
+  bench/lb_nft.py, two runs on the shared 2-core machine: full load 0.93x / 1.03x
+  ``nft -f``; one change 0.87 / 0.94 ms = 301x / 248x faster than our full load; the first
+  change after a full load (the kernel is still busy with the replaced table) 2.9 / 3.0 ms
+  = 91x / 77x; the same change through libnftables 5.5 / 4.8 ms = 48x.
+
+Without libnftables the backend falls back to ``nft -f -`` for full loads and dumps;
+``NftConfig(netlink_changes=False)`` sends changes that way too (for comparing).
 """
 
 from __future__ import annotations
@@ -46,6 +71,7 @@ from dataclasses import dataclass
 from ..kernel import nsutil
 from ..kernel.errors import KernelError
 from .backend import SyncingBackend
+from .nft_netlink import NftNetlink, netns_inode
 from .plan import (
     ALL_PORTS,
     AddChain,
@@ -88,6 +114,9 @@ class NftConfig:
     # (the DNAT happened in another namespace's conntrack).
     masquerade_unless_from: str | None = None
     use_libnftables: bool = True  # False: always `nft -f -` (for comparing, and the fallback)
+    # Incremental changes as our own nf_tables netlink batch (nft_netlink); False: through
+    # libnftables / `nft -f` like full loads (for comparing; the bench measures both).
+    netlink_changes: bool = True
 
 
 class _Libnftables:
@@ -141,15 +170,28 @@ class NftBackend(SyncingBackend):
         self.netns = netns
         self.cfg = config or NftConfig()
         self._lib: _Libnftables | None = None
+        self._lib_ino: int | None = None
         if self.cfg.use_libnftables:
-            try:
-                if netns is None:
+            self._open_lib()
+        self._nl = NftNetlink(netns) if self.cfg.netlink_changes else None
+
+    def _open_lib(self) -> None:
+        """The libnftables context opens its netlink socket at creation, in the calling
+        thread's namespace, and keeps it: create it inside the target namespace, and again if
+        that namespace was replaced under the same name (a new inode), or every command would
+        go to the dead one."""
+        if self._lib is not None:
+            self._lib.close()
+            self._lib = None
+        try:
+            self._lib_ino = netns_inode(self.netns)
+            if self.netns is None:
+                self._lib = _Libnftables()
+            else:
+                with nsutil.in_netns(self.netns):
                     self._lib = _Libnftables()
-                else:  # in case the context opens its socket at creation (it is per netns)
-                    with nsutil.in_netns(netns):
-                        self._lib = _Libnftables()
-            except OSError:
-                self._lib = None  # no libnftables.so.1: `nft -f -` below
+        except OSError:
+            self._lib = None  # no libnftables.so.1 (or no namespace yet): `nft -f -` below
 
     # ---- the backend interface ---------------------------------------------------
 
@@ -157,7 +199,11 @@ class NftBackend(SyncingBackend):
         self.run(render(nft_full(state), self.cfg), nft_full)
 
     def _apply_changes(self, changes: LBChanges) -> None:
-        self.run(render(nft_changes(changes), self.cfg), nft_changes)
+        ops = nft_changes(changes)
+        if self._nl is not None:
+            self._nl.commit(ops, self.cfg.table, self.cfg.map_name, self.cfg.vip_map_name)
+        else:
+            self.run(render(ops, self.cfg), nft_changes)
 
     def dump(self) -> LBState:
         rc, out, err = self._exec(f"list table inet {self.cfg.table}", json_output=True)
@@ -168,6 +214,8 @@ class NftBackend(SyncingBackend):
         return parse_dump(json.loads(out), self.cfg)
 
     def close(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
         if self._lib is not None:
             self._lib.close()
             self._lib = None
@@ -192,6 +240,12 @@ class NftBackend(SyncingBackend):
             raise KernelError(code, getattr(what, "__name__", what), err.strip()[:2000])
 
     def _exec(self, text: str, json_output: bool = False) -> tuple[int, str, str]:
+        if self._lib is not None and self.netns is not None:
+            try:
+                if netns_inode(self.netns) != self._lib_ino:
+                    self._open_lib()
+            except OSError:
+                pass  # no such namespace: the command below reports it
         if self._lib is not None:
             if self.netns is None:
                 return self._lib.run(text, json_output)
@@ -239,8 +293,7 @@ def render(ops: list[NftOp], cfg: NftConfig) -> str:
                     f"{{ type nat hook output priority {OUTPUT_PRIORITY}; policy accept; }}",
                     f"add rule {t} output ip daddr . meta l4proto . th dport vmap @{m}",
                     f"add set {t} rejects {{ type ipv4_addr . inet_proto . inet_service; }}",
-                    f"add map {t} {cfg.vip_map_name} "
-                    "{ type ipv4_addr . inet_proto : verdict; }",
+                    f"add map {t} {cfg.vip_map_name} {{ type ipv4_addr . inet_proto : verdict; }}",
                     f"add rule {t} prerouting ip daddr . meta l4proto vmap @{cfg.vip_map_name}",
                     f"add rule {t} output ip daddr . meta l4proto vmap @{cfg.vip_map_name}",
                     f"add set {t} rejects-vip {{ type ipv4_addr . inet_proto; }}",
@@ -293,6 +346,7 @@ def service_rule(service: LBService) -> str:
     total, sl = slots(service)
     if total == 0:
         return "counter"  # never reached: the ``rejects`` set answers first (AddReject)
+
     def target(b: Backend) -> str:
         return b.ip if service.port == ALL_PORTS else f"{b.ip} . {b.port}"
 
