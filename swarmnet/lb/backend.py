@@ -11,14 +11,12 @@ everything it owns: a crash half-way is repaired by the next pass (DESIGN princi
 
 from __future__ import annotations
 
-import os
 import subprocess
 from typing import Literal, Protocol
 
 from .plan import LBChanges, LBState, diff
 
 Prefer = Literal["auto", "ipvs", "nft"]
-IPVS_PROC = "/proc/net/ip_vs"
 
 
 class LBBackend(Protocol):
@@ -77,33 +75,62 @@ class SyncingBackend:
         raise NotImplementedError
 
 
-def ipvs_available(modprobe: bool = True) -> bool:
-    """IPVS is usable when its proc file exists (module loaded or built in), or when
-    ``modprobe ip_vs`` loads it. /proc/net is per namespace but the module is global, so
-    the check holds for every namespace of this kernel."""
-    if os.path.exists(IPVS_PROC):
+class BackendUnavailable(RuntimeError):
+    """A load-balancer backend was requested by name but this kernel (or namespace) cannot
+    run it. Raised instead of falling back: traffic to the VIPs would silently go nowhere."""
+
+
+def ipvs_available(modprobe: bool = True, netns: str | None = None) -> bool:
+    """Whether IPVS can be programmed in ``netns`` (None: the caller's namespace): the IPVS
+    generic-netlink family answers from a socket opened THERE. If it does not and
+    ``modprobe``, ``modprobe ip_vs`` is tried once and the question asked again (the family
+    is not autoloaded). The module is global, but asking from inside the namespace also
+    proves the namespace exists and that this process may open netlink sockets there."""
+    from .ipvs import probe  # lazy: the kernel-boundary module, only when asked
+
+    if probe(netns):
         return True
-    if not modprobe:
+    if not modprobe or _modprobe_failed:
         return False
     try:
         rc = subprocess.run(["modprobe", "-q", "ip_vs"], capture_output=True, timeout=30)
+        loaded = rc.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return rc.returncode == 0 and os.path.exists(IPVS_PROC)
+        loaded = False  # no modprobe (this build host has no kmod): no way to load it
+    if not loaded:
+        _remember_modprobe_failed()
+    return loaded and probe(netns)
+
+
+_modprobe_failed = False
+"""Set once ``modprobe ip_vs`` failed: the agent asks once per sandbox namespace, and a
+kernel without the module does not grow it, so later asks skip the process start."""
+
+
+def _remember_modprobe_failed() -> None:
+    global _modprobe_failed
+    _modprobe_failed = True
 
 
 def choose_backend(prefer: Prefer = "auto", netns: str | None = None) -> LBBackend:
-    """IPVS where the kernel has it (the design card's choice), nftables otherwise;
-    ``prefer`` forces one (the agent's ``--lb-backend`` flag). Forcing IPVS on a kernel
-    without it is an error, not a silent fallback: traffic to the VIPs would be lost."""
+    """The backend for ``netns`` (None: the caller's own). ``"auto"``: IPVS where the kernel
+    has it (the design card's choice), nftables otherwise; ``"ipvs"``/``"nft"`` force one
+    (the agent's ``--lb-backend`` flag). Forcing IPVS where it is missing raises
+    ``BackendUnavailable``, never a silent fallback: the operator asked for IPVS."""
     if prefer not in ("auto", "ipvs", "nft"):
         raise ValueError(f"lb backend must be auto, ipvs or nft, not {prefer!r}")
-    if prefer == "ipvs" or (prefer == "auto" and ipvs_available()):
-        if prefer == "ipvs" and not ipvs_available():
-            raise RuntimeError("the ipvs load balancer was requested but this kernel has no IPVS")
-        from .ipvs import IpvsBackend
+    if prefer != "nft":
+        has_ipvs = ipvs_available(netns=netns)
+        if prefer == "ipvs" and not has_ipvs:
+            where = f"network namespace {netns}" if netns else "this network namespace"
+            raise BackendUnavailable(
+                f"the ipvs load balancer was requested but the kernel has no IPVS in {where} "
+                "(module ip_vs not loadable); use --lb-backend nft or auto"
+            )
+        if has_ipvs:
+            from .ipvs import IpvsBackend
 
-        return IpvsBackend(netns=netns)
+            return IpvsBackend(netns=netns)
     from .nft import NftBackend
 
     return NftBackend(netns=netns)

@@ -31,7 +31,8 @@ ALL_PORTS = 0
 """Port 0 in a service key means EVERY port of the VIP and protocol (Docker's VIPs forward
 all ports: a service declares none). Its backends have port 0 too: the DNAT rewrites the
 address only and keeps the destination port. nftables keys these on ``ip daddr . meta
-l4proto`` in a second verdict map; IPVS would need a fwmark service per VIP."""
+l4proto`` in a second verdict map; IPVS uses a firewall-mark service per (VIP, protocol)
+(``lb.ipvs``: marks set by its own nft map)."""
 WEIGHT_MAX = 100
 """Weights are relative shares. 100 gives 1 % granularity, and keeps an nftables selection
 map at most ``100 x backends`` wide (each backend is one interval, so the map size is the
