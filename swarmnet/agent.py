@@ -254,8 +254,7 @@ class Agent:
         )
         if hasattr(self.worker, "hooks"):  # not a stand-in worker (API unit tests)
             # embedded DNS, VIPs, mesh (issue 6)
-            lb = {} if self.opts.lb_backend == "auto" else {"lb_backend": self.opts.lb_backend}
-            self.worker.hooks.append(ServicesHook(**lb))  # TRANSIENT until the hook takes it
+            self.worker.hooks.append(ServicesHook(lb_backend=self.opts.lb_backend))
         self.worker.ipsec = ipsec_hook_for(self.kernel, self.opts.data_dir)  # --opt encrypted
         await self._start_gossip(self.worker)
         await self.worker.start()

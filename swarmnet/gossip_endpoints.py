@@ -12,16 +12,25 @@ the worker's ``EndpointSource`` reads the per-network tables instead of the mana
   has reached a step. Install comes before use everywhere, so nobody ever receives a packet
   under a key it does not hold: no partition.
 - Publishing: for each running local task attachment on a network of the assignment we
-  ``put(nid, task_id, msgpack({ip, mac, vtep, task, service}))``, joining the network
-  first; a network without local tasks is left (its table is dropped, and the others
-  tombstone our entries when they see the leave).
+  ``put(nid, task_id, msgpack({ip, mac, vtep, task, service, service_id}))`` (``task``:
+  the task name, ``service``: the service name; ``service_id`` since issue 6, absent from
+  older agents' entries), joining the network first; a network without local tasks is left
+  (its table is dropped, and the others tombstone our entries when they see the leave).
+  The ingress network is joined by every node, like Docker's ingress sandbox: the routing
+  mesh of every node forwards to every task on it, so every node needs its table.
+- Joining pulls the network's table at once (NetworkDB's join sync): a restarted agent's
+  tables are full about one round trip after it meets the members, which is why nothing
+  here falls back on the managers' endpoint list any more.
 - ``remotes()`` returns the live entries of the networks we are in, other owners only. A
   failed member's entries disappear at once (NetworkDB hides them), so when a host dies its
   endpoints leave every other node's FDB and neighbour tables without any manager.
+- ``task_endpoints()`` returns the same entries with their names, for DNS and the load
+  balancers (swarmnet/services_hook.py), which ``add_listener`` tells of every change.
 - Every table event (ours excluded) asks the worker for one resync; the worker coalesces.
 
-What stays on the manager: its ``endpoints`` list in the assignment is no longer read for the
-overlay; DNS/LB still read service and task names from it (to be moved to gossip later).
+What stays on the manager: its ``endpoints`` list in the assignment is no longer read for
+the overlay, nor by DNS/LB for the networks whose tables we hold; service definitions
+(names, VIPs, modes, ports) still come from the assignment.
 """
 
 from __future__ import annotations
@@ -42,7 +51,6 @@ import msgpack
 from swarmnet.gossip.config import GossipConfig
 from swarmnet.gossip.core import MemberEvent
 from swarmnet.gossip.keyring import Keyring, KeyringError
-from swarmnet.gossip.messages import NodeState
 from swarmnet.gossip.netdb import NetDBConfig, NetDBError, TableEvent
 from swarmnet.gossip.netdb_driver import NetDBNode
 from swarmnet.overlay.plan import RemoteEndpoint, mac_for_ip
@@ -94,12 +102,6 @@ def _addr(s: str) -> tuple[str, int] | None:
         return None
 
 
-WARMUP_S = 35.0
-"""How long after the gossip node starts the managers' endpoint list is merged in: longer than
-NetworkDB's periodic bulk sync (30 s), which is what refills a restarted node's tables when no
-peer sees it rejoin; bounded so that a stale manager view cannot keep a dead endpoint long."""
-
-
 class GossipEndpoints:
     """The agent's gossip component and the worker's ``EndpointSource``."""
 
@@ -142,7 +144,9 @@ class GossipEndpoints:
         self._start_task: asyncio.Task | None = None
         self._join_task: asyncio.Task | None = None
         self._closed = False
-        self._warm_until = 0.0  # set when the gossip node starts; see WARMUP_S
+        # Told of every table change of another node's entry (services_hook: DNS and LB).
+        self._listeners: list[Callable[[TableEvent], None]] = []
+        self._ingress: str | None = None  # the assignment's ingress network, joined always
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -175,7 +179,6 @@ class GossipEndpoints:
             log.error("gossip: cannot listen on %s:%d: %s", self.advertise, self.config.port, e)
             return
         self.node = node
-        self._warm_until = time.monotonic() + WARMUP_S
         self.gossip_ack = keyring_digest(record)
         log.info("gossip: node %s listening on %s:%d", self.node_id, *node.address)
         self._apply_publish()
@@ -304,12 +307,29 @@ class GossipEndpoints:
             self._unprogrammed.setdefault(k, (time.time(), self._events))
         if self.request_sync is not None:
             self.request_sync()
+        for cb in list(self._listeners):
+            try:
+                cb(ev)
+            except Exception:  # a consumer's bug must not stop the others or the pump
+                log.exception("gossip: table listener failed")
+
+    def add_listener(self, cb: Callable[[TableEvent], None]) -> None:
+        """``cb(event)`` on every change of another node's entry, on the loop, from inside
+        the gossip pump: it must not block (coalesce and do the work later)."""
+        if cb not in self._listeners:
+            self._listeners.append(cb)
+
+    def remove_listener(self, cb: Callable[[TableEvent], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(cb)
 
     # ---- the worker's EndpointSource ---------------------------------------------------
 
     def remotes(self, assignment: dict) -> list[RemoteEndpoint]:
         """Publish our local endpoints, then return the others' in our networks."""
         nets = assignment.get("networks") or {}
+        iid = assignment.get("ingress_network_id")
+        self._ingress = iid if iid in nets else None
         desired: dict[tuple[str, str], bytes] = {}
         for t in assignment.get("tasks") or []:
             if t.get("desired_state") != "running" or not t.get("spec"):
@@ -325,6 +345,7 @@ class GossipEndpoints:
                     "vtep": self.advertise,
                     "task": t.get("name", ""),
                     "service": t.get("service_name", ""),
+                    "service_id": t.get("service_id", ""),
                 }
                 desired[(nid, t["id"])] = msgpack.packb(value, use_bin_type=True)
         self._desired = desired
@@ -332,45 +353,54 @@ class GossipEndpoints:
         self.read_seq = self._events
         node = self.node
         if node is None:
-            return self._manager_view(assignment)
+            return []  # no gossip yet (no key ring): no remote endpoint is known
+        return [
+            RemoteEndpoint(network_id=nid, ip=ep["address"], vtep=ep["vtep"])
+            for nid, ep in self._remote_entries(nets)
+        ]
+
+    def _remote_entries(self, nets: dict) -> list[tuple[str, dict]]:
+        """Other owners' live entries in the networks we are in (and ``nets`` lists),
+        decoded: ``(nid, {task_id, address, vtep, node_id, task_name, service_name,
+        service_id})``; ``service_id`` is "" in entries of agents older than issue 6."""
+        node = self.node
+        if node is None:
+            return []
         out = []
         for nid in sorted(node.networks()):
             if nid not in nets:
                 continue
-            for _key, (owner, raw) in sorted(node.entries(nid).items()):
+            for key, (owner, raw) in sorted(node.entries(nid).items()):
                 if owner == self.node_id:
                     continue
                 try:
                     v = msgpack.unpackb(raw, raw=False)
-                    out.append(RemoteEndpoint(network_id=nid, ip=str(v["ip"]), vtep=str(v["vtep"])))
-                except (ValueError, TypeError, KeyError, msgpack.ExtraData):
-                    log.warning("gossip: undecodable endpoint %s/%s from %s", nid, _key, owner)
-        if time.monotonic() < self._warm_until:
-            # A (re)started node's tables are empty until its first bulk sync, and the
-            # periodic one comes only every 30 s: programming from them alone would delete
-            # every remote FDB/neighbour entry the kernel still has and cut live traffic (an
-            # agent restart must not disturb it). Until then also keep what the managers list.
-            # Never for a node gossip itself has seen die or leave: that news is fresher
-            # than any manager's list (and the managers may be the ones unreachable).
-            gone = {
-                m.address[0]
-                for m in node.members(include_dead=True)
-                if m.state in (NodeState.DEAD, NodeState.LEFT)
-            }
-            seen = {(r.network_id, r.ip) for r in out}
-            out += [
-                r
-                for r in self._manager_view(assignment)
-                if (r.network_id, r.ip) not in seen and r.vtep not in gone
-            ]
+                    ep = {
+                        "task_id": key,
+                        "address": str(v["ip"]),
+                        "vtep": str(v["vtep"]),
+                        "node_id": owner,
+                        "task_name": str(v.get("task") or ""),
+                        "service_name": str(v.get("service") or ""),
+                        "service_id": str(v.get("service_id") or ""),
+                    }
+                except (ValueError, TypeError, KeyError, AttributeError, msgpack.ExtraData):
+                    log.warning("gossip: undecodable endpoint %s/%s from %s", nid, key, owner)
+                    continue
+                out.append((nid, ep))
         return out
 
-    @staticmethod
-    def _manager_view(assignment: dict) -> list[RemoteEndpoint]:
-        return [
-            RemoteEndpoint(network_id=e["network_id"], ip=e["address"].split("/")[0], vtep=e["vtep"])
-            for e in assignment.get("endpoints") or []
-        ]
+    def joined_networks(self) -> set[str]:
+        """The networks whose tables we hold (empty before the gossip node runs)."""
+        return self.node.networks() if self.node is not None else set()
+
+    def task_endpoints(self, assignment: dict) -> list[dict]:
+        """Other nodes' task endpoints in the networks whose tables we hold, in the shape
+        of the managers' ``endpoints`` list: ``{network_id, task_id, address, vtep,
+        node_id, task_name, service_name, service_id}``. Our own tasks are not in it (the
+        caller has them from the assignment)."""
+        nets = assignment.get("networks") or {}
+        return [{"network_id": nid, **ep} for nid, ep in self._remote_entries(nets)]
 
     def programmed(self, upto: int | None = None) -> None:
         """The worker reconciled the kernel with a ``remotes()`` read: log (with wall-clock
@@ -394,6 +424,8 @@ class GossipEndpoints:
         if node is None:
             return
         want_nets = {nid for nid, _ in self._desired}
+        if self._ingress is not None:
+            want_nets.add(self._ingress)
         for nid in sorted(want_nets - node.networks()):
             node.join_network(nid)
         for k, value in sorted(self._desired.items()):

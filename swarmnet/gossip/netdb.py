@@ -26,123 +26,41 @@ Rules of this file:
 5. Which node is in which network is itself gossiped cluster-wide (broadcast on change,
    repaired by a periodic full exchange with one random node and inside bulk syncs), with
    its own Lamport clock.
-6. Wire: one type byte, then a msgpack array whose first item is the format version. Every
-   decode error drops the message and bumps ``counters["drop_<reason>"]``, never raises.
+6. Joining a network pulls its table at once (``NetDBConfig.join_sync_peers``): from members
+   known then, else from the first ones we learn of, asked again (backing off) until one
+   answers or the periodic sync takes over. So a node restarted with empty tables is full
+   again one round trip after it knows the members.
+7. How the tables spread (push, gossip rounds, bulk and join syncs) is netdb_sync.py, a
+   mixin of this class.
+8. Wire (netdb_wire.py): one type byte, then a msgpack array whose first item is the format
+   version. Every decode error drops the message and bumps ``counters["drop_<reason>"]``,
+   never raises.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import msgpack
+from swarmnet.gossip.netdb_sync import _SyncMixin
+from swarmnet.gossip.netdb_wire import (
+    MSG_BULK_SYNC,
+    MSG_NET_EVENTS,
+    MSG_NET_SYNC,
+    MSG_TABLE_EVENTS,
+    WIRE_VERSION,
+    NetDBConfig,
+    NetDBError,
+    _Bad,
+    decode,
+)
+from swarmnet.gossip.netdb_wire import check_name as _check_name
+from swarmnet.gossip.netdb_wire import pack as _pack
 
 if TYPE_CHECKING:
     import random
-
-WIRE_VERSION = 1
-# APPEND ONLY: the values are on the wire. Chosen clear of serf's user message types (0-9),
-# so a serf agent in the pool ignores ours and we ignore its own.
-MSG_TABLE_EVENTS = 0xD0  # [v, sender, nid, [entry...]]: gossip of recent changes
-MSG_BULK_SYNC = 0xD1  # [v, sender, nid, sync_id, reply_wanted, [entry...], [member...]]
-MSG_NET_EVENTS = 0xD2  # [v, sender, [[node, nid, ltime, leaving]...]]: broadcast, relayed
-MSG_NET_SYNC = 0xD3  # [v, sender, [records...], reply_wanted]: a direct exchange, not relayed
-# entry = [key, owner, ltime, deleted, value]; member = [node, ltime, leaving]
-
-_LTIME_MAX = 2**63 - 1
-_ENTRY_OVERHEAD_BYTES = 16  # msgpack array/int/bool headers around one entry
-_NAME_BYTES_MAX = 128  # node names and network ids (Docker: 64-hex ids, short host names)
-
-
-class NetDBError(ValueError):
-    """The caller misused the API (not a peer misbehaving: those messages are dropped)."""
-
-
-@dataclass(frozen=True)
-class NetDBConfig:
-    """Every duration in seconds (``_s``), every size in bytes (``_bytes``)."""
-
-    gossip_interval_s: float = 0.2
-    """Per network, recent changes go to ``fanout`` random members of that network this often.
-    Docker's NetworkDB and memberlist LAN: 200 ms. An idle network sends a new change at once
-    (the next tick is already due), so a put does not wait for the tick."""
-
-    fanout: int = 3
-    """Members of the network each gossip round goes to. Docker: 3 (memberlist's GossipNodes)."""
-
-    retransmit_mult: int = 4
-    """Each change is sent retransmit_mult * ceil(log10(members + 1)) times (memberlist's
-    formula): enough for an epidemic to reach the whole network with high probability; the
-    bulk sync repairs the rest."""
-
-    owner_push_max: int = 32
-    """A node's OWN change (put, delete) also goes straight to up to this many members of the
-    network (all of them in a network this small), at once and batched per loop iteration,
-    before the epidemic gossip carries it on. The owner knows the members: a direct send
-    saves the relays' gossip ticks (up to 200 ms per hop) and the small chance that the
-    epidemic misses a member, which only the next bulk sync (30 s) would then repair. 0: off
-    (Docker's behaviour: gossip only)."""
-
-    bulk_sync_s: float = 30.0
-    """Full exchange of each network's table with one random member of it, and of the
-    node/network membership table with one random node. Docker: 30 s. Also done at once when
-    we join a network, when a member joins one of ours, and when a failed member comes back."""
-
-    tombstone_s: float = 1800.0
-    """Deleted entries (and network leaves) are kept this long so that a delayed older copy
-    cannot resurrect them. Docker: 30 min (reapEntryInterval)."""
-
-    failed_grace_s: float = 1800.0
-    """A failed member's entries and memberships stay (hidden) this long, so that a member
-    back from a short disconnect or restart is not rejected (moby #53141, PR #53142). Same
-    as the tombstone period: a member back later is treated as new, which is still correct."""
-
-    reap_interval_s: float = 5.0
-    """How often tombstones and expired failed members are purged. Docker: 5 s."""
-
-    netdb_message_bytes_max: int = 1200
-    """Largest payload we build: memberlist's 1,400-byte UDP packet minus its compound,
-    encryption and label overheads (``packet_reserved_bytes``), with room to spare."""
-
-    netdb_entries_per_message_max: int = 64
-    """Entries (or membership records) a received message may carry; more is dropped."""
-
-    netdb_value_bytes_max: int = 512
-    """Largest value. An endpoint {ip, mac, vtep, task, service} is about 150 bytes."""
-
-    netdb_key_bytes_max: int = 128
-    """Largest key (a 64-hex endpoint id is 64 bytes)."""
-
-    netdb_entries_max: int = 100_000
-    """Entries (tombstones included) held across all networks; beyond, new ones are dropped
-    and counted. 10,000 tasks with their tombstones fit well below it."""
-
-    netdb_network_records_max: int = 100_000
-    """(node, network) membership records held; beyond, new ones are dropped and counted."""
-
-    netdb_queue_max: int = 4096
-    """Changes waiting to be gossiped per network; beyond, the oldest are dropped (the bulk
-    sync carries them later). Bounds memory when a network has no reachable member."""
-
-    def validate(self) -> NetDBConfig:
-        if self.gossip_interval_s <= 0 or self.bulk_sync_s <= 0 or self.reap_interval_s <= 0:
-            raise NetDBError("netdb intervals must be positive")
-        if self.fanout < 1 or self.retransmit_mult < 1:
-            raise NetDBError("netdb fanout and retransmit_mult must be at least 1")
-        if self.owner_push_max < 0:
-            raise NetDBError("netdb owner_push_max must be >= 0")
-        if self.tombstone_s < 0 or self.failed_grace_s < 0:
-            raise NetDBError("netdb tombstone_s and failed_grace_s must be >= 0")
-        one = self.netdb_key_bytes_max + self.netdb_value_bytes_max + 2 * _NAME_BYTES_MAX
-        if self.netdb_message_bytes_max < one + 64:
-            raise NetDBError("netdb_message_bytes_max must hold one entry of the largest size")
-        return self
-
-    @classmethod
-    def default(cls, **overrides: object) -> NetDBConfig:
-        return replace(cls(), **overrides).validate()  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,15 +91,7 @@ class _NetRec:
     reap_s: float = 0.0  # leaves only
 
 
-class _Bad(Exception):
-    """A malformed message; the text is the counter's reason."""
-
-
-def _retransmit_limit(mult: int, n: int) -> int:
-    return mult * math.ceil(math.log10(n + 1))
-
-
-class NetworkDB:
+class NetworkDB(_SyncMixin):
     """The endpoint tables of node ``name``. See the module docstring."""
 
     def __init__(
@@ -204,8 +114,18 @@ class NetworkDB:
         self._failed: dict[str, float] = {}  # name -> purge time
         self._gone: dict[str, float] = {}  # left, or failed and purged -> forget time
         self._replied: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._sync_ids = 0
+        # Peers answer each (sender, network, sync id) once. A restarted node counting from 0
+        # again would repeat ids its previous life used, and the peers would stay silent to
+        # its join sync (they answered that id already): its tables then stayed empty until
+        # the periodic sync, 30 s. So a new life starts at a random point (48 bits: a repeat
+        # is out of reach; the wire allows 63).
+        self._sync_ids = rng.getrandbits(48)
         self._hinted: dict[tuple[str, str], float] = {}  # (owner, nid) -> last hint time
+        # Networks joined whose table no member has sent us yet: nid -> members asked. And
+        # when to ask others if none of them answers (only while someone was asked), and the
+        # delay after that one (doubling: a network nobody answers does not wake us often).
+        self._unsynced: dict[str, set[str]] = {}
+        self._sync_retry: dict[str, tuple[float, float]] = {}
         self._outbound: list[tuple[str | None, bytes]] = []
         self._events: list[TableEvent] = []
         cfg = self.config
@@ -225,6 +145,8 @@ class NetworkDB:
             t = min(t, self._gossip_at)
         if self._push:
             t = min(t, self._push_at)
+        if self._sync_retry:
+            t = min(t, min(at for at, _ in self._sync_retry.values()))
         return t
 
     def handle_timer(self, now: float) -> None:
@@ -245,6 +167,14 @@ class NetworkDB:
             alive = sorted(self._alive)
             if alive:
                 self._send_net_records(alive[self.rng.randrange(len(alive))], None)
+        for nid in sorted(n for n, (t, _) in self._sync_retry.items() if t <= now):
+            # Nobody answered: ask again, others if there are (the asked may be dead), after
+            # twice the delay; beyond the periodic sync's interval, leave it to that one.
+            _, delay = self._sync_retry.pop(nid)
+            self._unsynced[nid].clear()
+            self._count("initial_sync_retries")
+            if self._pull(nid, now) and 2 * delay < cfg.bulk_sync_s:
+                self._sync_retry[nid] = (now + 2 * delay, 2 * delay)
         if now >= self._reap_at:
             self._reap_at = now + cfg.reap_interval_s
             self._reap(now)
@@ -266,9 +196,10 @@ class NetworkDB:
         self._joined.add(nid)
         self._tables.setdefault(nid, {})
         self._set_own_record(nid, leaving=False, now=now)
-        peers = self._peers(nid)
-        if peers:  # fetch the table now rather than at the next bulk sync
-            self._send_bulk(peers[self.rng.randrange(len(peers))], nid, reply=True)
+        # Fetch the table now rather than at the next bulk sync; if no member is known yet,
+        # the first ones we learn of are asked (_apply_net).
+        self._unsynced[nid] = set()
+        self._pull(nid, now)
 
     def leave_network(self, nid: str, now: float) -> None:
         if nid not in self._joined:
@@ -281,6 +212,8 @@ class NetworkDB:
                 self._events.append(TableEvent("delete", nid, key, e.value, e.owner))
         self._queues.pop(nid, None)
         self._push.pop(nid, None)
+        self._unsynced.pop(nid, None)
+        self._sync_retry.pop(nid, None)
 
     def put(self, nid: str, key: str, value: bytes, now: float) -> None:
         """Create or update our entry ``key`` in ``nid``."""
@@ -328,6 +261,11 @@ class NetworkDB:
     def networks(self) -> set[str]:
         return set(self._joined)
 
+    def synced(self, nid: str) -> bool:
+        """True once a member asked for ``nid``'s table has answered since we joined it: our
+        view is then as complete as theirs (until then it may lack entries)."""
+        return nid in self._joined and nid not in self._unsynced
+
     def network_members(self, nid: str) -> list[str]:
         """Nodes we believe are in ``nid`` (ourselves included), in any member state."""
         return [n for n, r in self._members.get(nid, {}).items() if not r.leaving]
@@ -357,7 +295,7 @@ class NetworkDB:
                 for nid in sorted(self._joined):
                     rec = self._members.get(nid, {}).get(name)
                     if rec is not None and not rec.leaving:
-                        self._send_bulk(name, nid, reply=True)
+                        self._sync_with(name, nid, now)
         elif kind == "failed":
             if name in self._failed:
                 return
@@ -381,7 +319,7 @@ class NetworkDB:
         """A user message. ``from_node`` is advisory (memberlist user messages do not say who
         sent them); the sender named inside the payload is the one we answer."""
         try:
-            kind, body = self._decode(payload)
+            kind, body = decode(payload, self.config)
         except _Bad as bad:
             self._count("drop_" + str(bad))
             return
@@ -406,74 +344,17 @@ class NetworkDB:
             self._apply_net(node, nid, ltime, leaving, now)
         for ent in entries:
             self._apply_entry(nid, *ent, now)
+        if sender in self._unsynced.get(nid, ()):
+            # A member we asked sent its table (its first chunk: the others follow it).
+            del self._unsynced[nid]
+            self._sync_retry.pop(nid, None)
+            self._count("initial_syncs_done")
         if reply and sender != self.name and self._replied.get((sender, nid)) != sync_id:
             self._replied[(sender, nid)] = sync_id
             self._replied.move_to_end((sender, nid))
             while len(self._replied) > 4096:
                 self._replied.popitem(last=False)
             self._send_bulk(sender, nid, reply=False)
-
-    def _decode(self, payload: bytes) -> tuple[int, list]:
-        cfg = self.config
-        if not isinstance(payload, bytes | bytearray) or len(payload) < 2:
-            raise _Bad("short")
-        if len(payload) > cfg.netdb_message_bytes_max + 512:
-            raise _Bad("oversized")
-        kind = payload[0]
-        if kind not in (MSG_TABLE_EVENTS, MSG_BULK_SYNC, MSG_NET_EVENTS, MSG_NET_SYNC):
-            raise _Bad("unknown_type")
-        try:
-            body = msgpack.unpackb(bytes(payload[1:]), raw=False, strict_map_key=True)
-        except Exception:  # msgpack raises many types (ExtraData, FormatError, ...)
-            raise _Bad("undecodable") from None
-        if not isinstance(body, list) or len(body) < 3:
-            raise _Bad("malformed")
-        if not isinstance(body[0], int) or body[0] < WIRE_VERSION:
-            raise _Bad("version")
-        _name(body[1])
-        if kind in (MSG_NET_EVENTS, MSG_NET_SYNC):
-            recs = _lst(body[2], cfg.netdb_entries_per_message_max)
-            for r in recs:
-                if not isinstance(r, list) or len(r) < 4:
-                    raise _Bad("malformed")
-                _name(r[0]), _name(r[1]), _ltime(r[2]), _bool(r[3])
-            body[2] = [r[:4] for r in recs]
-            body[3:] = [len(body) > 3 and body[3] is True]
-            return kind, body
-        _name(body[2])
-        if kind == MSG_TABLE_EVENTS:
-            if len(body) < 4:
-                raise _Bad("malformed")
-            body[3] = self._entries(body[3])
-            return kind, body
-        if len(body) < 7:
-            raise _Bad("malformed")
-        _ltime(body[3]), _bool(body[4])
-        body[5] = self._entries(body[5])
-        members = _lst(body[6], cfg.netdb_entries_per_message_max)
-        for r in members:
-            if not isinstance(r, list) or len(r) < 3:
-                raise _Bad("malformed")
-            _name(r[0]), _ltime(r[1]), _bool(r[2])
-        body[6] = [r[:3] for r in members]
-        return kind, body
-
-    def _entries(self, raw: object) -> list[list]:
-        cfg = self.config
-        out = []
-        for e in _lst(raw, cfg.netdb_entries_per_message_max):
-            if not isinstance(e, list) or len(e) < 5:
-                raise _Bad("malformed")
-            key, owner, ltime, deleted, value = e[:5]
-            if not isinstance(key, str) or not key or len(key.encode()) > cfg.netdb_key_bytes_max:
-                raise _Bad("bad_key")
-            _name(owner), _ltime(ltime), _bool(deleted)
-            if not isinstance(value, bytes) or len(value) > cfg.netdb_value_bytes_max:
-                raise _Bad("bad_value")
-            out.append([key, owner, ltime, deleted, value])
-        return out
-
-    # ---- conflict rules -------------------------------------------------------------------
 
     def _apply_entry(
         self,
@@ -589,8 +470,10 @@ class NetworkDB:
         if leaving and (was_in or rec is None):
             self._tombstone_owner(nid, node, now, silent=False)
         elif not leaving and not was_in and nid in self._joined and node in self._alive:
-            # A member new to one of our networks: about `fanout` of us send it the table.
-            if self._lucky(nid):
+            if self._pull(nid, now, [node]):
+                pass  # we still wait for this network's table: ask it (push-pull)
+            elif self._lucky(nid):
+                # A member new to one of our networks: about `fanout` of us send it the table.
                 self._send_bulk(node, nid, reply=True)
 
     # ---- state helpers --------------------------------------------------------------------
@@ -647,154 +530,6 @@ class NetworkDB:
             (None, _pack(MSG_NET_EVENTS, [self.name], [[self.name, nid, self._net_clock, leaving]]))
         )
 
-    def _peers(self, nid: str) -> list[str]:
-        """Alive members of ``nid`` other than us, in a deterministic order."""
-        alive = self._alive
-        recs = self._members.get(nid, {})
-        return [n for n, r in recs.items() if not r.leaving and n in alive]
-
-    def _lucky(self, nid: str) -> bool:
-        """True for about ``fanout`` of the members of ``nid``: who answers a newcomer."""
-        return self.rng.random() < self.config.fanout / max(1, len(self._peers(nid)))
-
-    def _queue(self, nid: str, key: str, now: float) -> None:
-        if (
-            not any(self._queues.values())
-            and now - self._last_gossip_s >= self.config.gossip_interval_s
-        ):
-            self._gossip_at = now  # idle: send at once, then at most once per interval
-        q = self._queues.setdefault(nid, {})
-        q.pop(key, None)  # a newer change of the same entry replaces the queued one
-        q[key] = _retransmit_limit(self.config.retransmit_mult, len(self._peers(nid)) + 1)
-        while len(q) > self.config.netdb_queue_max:
-            q.pop(next(iter(q)))
-            self._count("drop_queue_max")
-
-    def _mark_push(self, nid: str, key: str, now: float) -> None:
-        if self.config.owner_push_max <= 0:
-            return
-        if not self._push:
-            self._push_at = now  # due at once: the driver's timer fires on the next turn
-        self._push.setdefault(nid, set()).add(key)
-
-    def _push_own(self) -> set[tuple[str, str]]:
-        """Our pending own changes, straight to (up to ``owner_push_max``) members of each
-        network. Returns the (network, key) pushed: this tick's gossip round skips them (the
-        members just got them); later rounds still carry them on, as for any change."""
-        cfg = self.config
-        pushed: set[tuple[str, str]] = set()
-        push, self._push = self._push, {}
-        for nid in sorted(push):
-            table = self._tables.get(nid)
-            peers = self._peers(nid)
-            if table is None or not peers:
-                continue
-            items = [
-                [k, e.owner, e.ltime, e.deleted, e.value]
-                for k in sorted(push[nid])
-                if (e := table.get(k)) is not None and e.owner == self.name
-            ]
-            if not items:
-                continue
-            if len(peers) > cfg.owner_push_max:
-                peers = self.rng.sample(peers, cfg.owner_push_max)
-            chunks = self._chunks(items)
-            for target in peers:
-                for chunk in chunks:
-                    self._outbound.append(
-                        (target, _pack(MSG_TABLE_EVENTS, [self.name, nid], chunk))
-                    )
-            self._count("owner_pushes", len(peers) * len(chunks))
-            pushed.update((nid, it[0]) for it in items)
-        return pushed
-
-    def _gossip(self, skip: set[tuple[str, str]] = frozenset()) -> None:  # type: ignore[assignment]
-        cfg = self.config
-        for nid in sorted(self._queues):
-            q = self._queues[nid]
-            if not q:
-                continue
-            peers = self._peers(nid)
-            if not peers:
-                q.clear()  # nobody to tell: a member that joins later gets a bulk sync
-                continue
-            table = self._tables.get(nid, {})
-            for target in self.rng.sample(peers, min(cfg.fanout, len(peers))):
-                items, size = [], 64
-                # Newest first (most transmits left), as memberlist's queue does.
-                for key in sorted(q, key=q.__getitem__, reverse=True):
-                    e = table.get(key)
-                    if e is None:
-                        del q[key]
-                        continue
-                    if (nid, key) in skip:
-                        continue
-                    enc = [key, e.owner, e.ltime, e.deleted, e.value]
-                    n = len(key.encode()) + len(e.owner.encode()) + len(e.value) + 16
-                    if size + n > cfg.netdb_message_bytes_max:
-                        break
-                    if len(items) >= cfg.netdb_entries_per_message_max:
-                        break
-                    items.append(enc)
-                    size += n
-                    q[key] -= 1
-                    if q[key] <= 0:
-                        del q[key]
-                if items:
-                    self._outbound.append(
-                        (target, _pack(MSG_TABLE_EVENTS, [self.name, nid], items))
-                    )
-
-    def _send_bulk(self, dest: str, nid: str, reply: bool) -> None:
-        """Our whole table of ``nid`` (tombstones included) and its member records, in
-        chunks. Every chunk asks for a reply (one chunk may be lost); the peer answers once
-        per sync id."""
-        self._sync_ids += 1
-        ents = [[k, e.owner, e.ltime, e.deleted, e.value] for k, e in self._tables[nid].items()]
-        mems = [[n, r.ltime, r.leaving] for n, r in self._members.get(nid, {}).items()]
-        head = [self.name, nid, self._sync_ids, reply]
-        for chunk in self._chunks(ents) or [[]]:
-            self._outbound.append((dest, _pack(MSG_BULK_SYNC, head, chunk, [])))
-        for chunk in self._chunks(mems):
-            self._outbound.append((dest, _pack(MSG_BULK_SYNC, head, [], chunk)))
-        self._count("bulk_syncs_out")
-
-    def _send_net_records(self, dest: str, only: str | None, reply: bool = False) -> None:
-        """Node/network records (all of them, or only ``only``'s) to ``dest``, in chunks."""
-        recs = [
-            [node, nid, r.ltime, r.leaving]
-            for nid, nodes in self._members.items()
-            for node, r in nodes.items()
-            if only is None or node == only
-        ]
-        for chunk in self._chunks(recs) or ([[]] if reply else []):
-            self._outbound.append((dest, _pack(MSG_NET_SYNC, [self.name], chunk, reply)))
-            reply = False  # one answer is enough
-
-    def _chunks(self, items: list[list]) -> list[list[list]]:
-        """Split records into messages within the size and count limits."""
-        cfg = self.config
-        out: list[list[list]] = []
-        cur: list[list] = []
-        size = 96  # type byte, version, sender, network id, sync id
-        for item in items:
-            n = _ENTRY_OVERHEAD_BYTES + sum(
-                len(x.encode()) if isinstance(x, str) else len(x)
-                for x in item
-                if isinstance(x, str | bytes)
-            )
-            if cur and (
-                size + n > cfg.netdb_message_bytes_max
-                or len(cur) >= cfg.netdb_entries_per_message_max
-            ):
-                out.append(cur)
-                cur, size = [], 96
-            cur.append(item)
-            size += n
-        if cur:
-            out.append(cur)
-        return out
-
     def _reap(self, now: float) -> None:
         for table in self._tables.values():
             dead = [k for k, e in table.items() if e.deleted and e.reap_s <= now]
@@ -823,38 +558,16 @@ class NetworkDB:
             del self._gone[name]
         self._hinted = {k: t for k, t in self._hinted.items() if now - t < 1.0}
 
-    def _count(self, name: str, n: int = 1) -> None:
-        if n:
-            self.counters[name] = self.counters.get(name, 0) + n
 
-
-def _pack(kind: int, head: list, *tail: object) -> bytes:
-    return bytes([kind]) + msgpack.packb([WIRE_VERSION, *head, *tail], use_bin_type=True)
-
-
-def _check_name(s: object, what: str) -> None:
-    if not isinstance(s, str) or not s or len(s.encode()) > _NAME_BYTES_MAX:
-        raise NetDBError(f"netdb: {what} must be 1..{_NAME_BYTES_MAX} bytes of text")
-
-
-def _name(s: object) -> None:
-    if not isinstance(s, str) or not s or len(s) > _NAME_BYTES_MAX:
-        raise _Bad("bad_name")
-
-
-def _ltime(t: object) -> None:
-    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= _LTIME_MAX:
-        raise _Bad("bad_ltime")
-
-
-def _bool(b: object) -> None:
-    if not isinstance(b, bool):
-        raise _Bad("bad_flag")
-
-
-def _lst(x: object, limit: int) -> list:
-    if not isinstance(x, list):
-        raise _Bad("malformed")
-    if len(x) > limit:
-        raise _Bad("too_many_entries")
-    return x
+__all__ = [
+    "MSG_BULK_SYNC",
+    "MSG_NET_EVENTS",
+    "MSG_NET_SYNC",
+    "MSG_TABLE_EVENTS",
+    "WIRE_VERSION",
+    "NetDBConfig",
+    "NetDBError",
+    "NetworkDB",
+    "TableEvent",
+    "_pack",
+]

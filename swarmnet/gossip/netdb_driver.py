@@ -82,6 +82,10 @@ class NetDBNode(GossipNode):
     def networks(self) -> set[str]:
         return self._table().networks()
 
+    def synced(self, nid: str) -> bool:
+        """A member has sent us ``nid``'s table since we joined it (NetworkDB.synced)."""
+        return self._table().synced(nid)
+
     def metrics(self) -> dict[str, int]:
         out = super().metrics()
         for k, v in (self.db.counters if self.db else {}).items():

@@ -28,10 +28,11 @@ class Pool:
     """NetworkDBs wired directly to each other (no membership core): every message is
     delivered at once unless ``drop`` says otherwise; None-addressed ones go to everyone."""
 
-    def __init__(self, names: list[str], seed: int = 1) -> None:
+    def __init__(self, names: list[str], seed: int = 1, config: NetDBConfig = CFG) -> None:
         rng = random.Random(seed)
         self.now = 0.0
-        self.dbs = {n: NetworkDB(n, random.Random(rng.getrandbits(32)), 0.0, CFG) for n in names}
+        self.config = config
+        self.dbs = {n: NetworkDB(n, random.Random(rng.getrandbits(32)), 0.0, config) for n in names}
         self.sent: list[tuple[str, str | None, bytes]] = []
         self.down: set[str] = set()
         for a in names:
@@ -70,8 +71,12 @@ class Pool:
         return self.dbs[name].take_events()
 
 
-def _pool(names: list[str] = ["a", "b", "c"], nid: str = "n1") -> Pool:  # noqa: B006
-    p = Pool(names)
+def _pool(
+    names: list[str] = ["a", "b", "c"],  # noqa: B006
+    nid: str = "n1",
+    config: NetDBConfig = CFG,
+) -> Pool:
+    p = Pool(names, config=config)
     for n in names:
         p.dbs[n].join_network(nid, 0.0)
     p.pump()
@@ -286,6 +291,120 @@ def test_restarted_owner_removes_what_its_previous_life_left() -> None:
     assert p.events("b") == [TableEvent("delete", "n1", "gone", b"v", "a")]
 
 
+# No periodic bulk sync within these tests: whatever refills a table is the join sync.
+NO_PERIODIC = NetDBConfig.default(tombstone_s=60.0, failed_grace_s=120.0, bulk_sync_s=3600.0)
+
+
+def _restart(p: Pool, name: str, seed: int = 7) -> NetworkDB:
+    """A fresh process under the same name: no clock, no tables, no members."""
+    db = p.dbs[name] = NetworkDB(name, random.Random(seed), p.now, p.config)
+    return db
+
+
+def _filled_pool() -> tuple[Pool, dict[str, tuple[str, bytes]]]:
+    p = _pool(["a", "b", "c", "d"], config=NO_PERIODIC)
+    for n in "abcd":
+        p.dbs[n].put("n1", f"ep-{n}", n.encode(), p.now)
+        p.dbs[n].put("n1", f"ep-{n}2", n.encode() * 2, p.now)
+    p.tick(1.0)
+    truth = p.dbs["b"].entries("n1")
+    assert len(truth) == 8 and all(p.dbs[n].entries("n1") == truth for n in "abcd")
+    return p, truth
+
+
+@pytest.mark.parametrize("order", ["join_first", "members_first"])
+def test_restarted_node_refills_its_table_at_once_not_at_the_periodic_sync(order: str) -> None:
+    """A restarted node joins its network again: whether it knows the network's members yet
+    (members_first) or learns them only afterwards (join_first), it pulls the table from
+    them at once. pump() only: not a single timer runs, so no periodic sync can be it."""
+    p, truth = _filled_pool()
+    a = _restart(p, "a")
+    if order == "join_first":
+        a.join_network("n1", p.now)
+        assert not a.synced("n1")
+    for n in "bcd":
+        a.on_member("join", n, p.now)
+    p.pump()
+    if order == "members_first":
+        a.join_network("n1", p.now)
+    a.put("n1", "ep-a", b"a", p.now)  # what the restarted node publishes again
+    p.pump()
+    want = {k: v for k, v in truth.items() if v[0] != "a"}
+    assert {k: v for k, v in a.entries("n1").items() if v[0] != "a"} == want
+    assert a.synced("n1")
+    assert a.counters["initial_syncs_done"] == 1
+    assert 1 <= a.counters["initial_syncs_out"] <= NO_PERIODIC.join_sync_peers
+    # The others drop what a's previous life left and keep what it published again.
+    p.tick(2.0)
+    for n in "abcd":
+        assert p.dbs[n].entries("n1").get("ep-a") == ("a", b"a"), n
+        assert "ep-a2" not in p.dbs[n].entries("n1"), n
+
+
+def test_restarted_node_is_answered_although_its_old_life_used_the_same_sync_ids() -> None:
+    """Peers answer a (sender, network, sync id) once. A new life must not repeat its old
+    life's ids, or its join sync goes unanswered (the restart's 25 s hole). Here b has no
+    other reason to send a its table: a's new join record is no newer than its old one."""
+    p = Pool(["a", "b"], config=NO_PERIODIC)
+    p.dbs["a"].join_network("n1", p.now)
+    p.pump()
+    p.dbs["b"].join_network("n1", p.now)  # a, waiting for the table, asks b for it
+    p.dbs["b"].put("n1", "ep-b", b"b", p.now)
+    p.pump()
+    assert p.dbs["a"].synced("n1")
+    a = _restart(p, "a", seed=100)
+    a.join_network("n1", p.now)  # before it knows anyone: the assignment came first
+    a.on_member("join", "b", p.now)
+    p.pump()
+    assert a.synced("n1")
+    assert a.entries("n1") == {"ep-b": ("b", b"b")}
+
+
+def test_unanswered_join_sync_is_retried_with_other_members() -> None:
+    p, truth = _filled_pool()
+    a = _restart(p, "a")
+    for n in "bcd":
+        a.on_member("join", n, p.now)
+    p.pump()  # a knows who is in n1
+    p.down = {"b", "c", "d"}  # every answer is lost
+    a.join_network("n1", p.now)
+    p.pump()
+    assert not a.synced("n1") and a.entries("n1") == {}
+    retry = a.next_deadline()
+    assert retry is not None and retry <= p.now + NO_PERIODIC.join_sync_retry_s + 1e-9
+    p.down = set()
+    p.tick(NO_PERIODIC.join_sync_retry_s + 0.2)
+    assert a.synced("n1")
+    assert a.counters["initial_sync_retries"] == 1
+    assert {k: v for k, v in a.entries("n1").items() if v[0] != "a"} == {
+        k: v for k, v in truth.items() if v[0] != "a"
+    }
+    # Answered: no retry timer is left (only the reap and the far periodic sync).
+    assert a.next_deadline() >= p.now + 1.0  # type: ignore[operator]
+
+
+def test_join_sync_asks_at_most_join_sync_peers_members() -> None:
+    names = [f"m{i}" for i in range(10)]
+    p = _pool(names, config=NO_PERIODIC)
+    for n in names:
+        p.dbs[n].put("n1", "ep-" + n, b"v", p.now)
+    p.tick(1.0)
+    a = _restart(p, "m0")
+    for n in names[1:]:
+        a.on_member("join", n, p.now)
+    p.pump()
+    p.sent.clear()
+    a.join_network("n1", p.now)
+    p.pump()
+    asked = {  # m0's bulk syncs that want an answer (not its answers to others' syncs)
+        d
+        for src, d, pl in p.sent
+        if src == "m0" and pl[0] == MSG_BULK_SYNC and msgpack.unpackb(pl[1:])[4]
+    }
+    assert len(asked) == NO_PERIODIC.join_sync_peers
+    assert a.synced("n1") and len(a.entries("n1")) == 9
+
+
 def test_gossip_goes_only_to_members_of_the_network() -> None:
     p = _pool(["a", "b", "c", "d", "e"])
     for n in "ab":
@@ -310,6 +429,9 @@ def test_idle_node_has_no_gossip_deadline_and_a_put_is_due_at_once() -> None:
     db.on_member("join", "b", 0.0)
     db.join_network("n1", 0.0)
     db.receive("", _pack(MSG_NET_EVENTS, ["b"], [["b", "n1", 1, False]]), 0.0)
+    assert not db.synced("n1")  # b was asked for the table (join sync)...
+    db.receive("", _pack(MSG_BULK_SYNC, ["b", "n1", 1, False], [], []), 0.0)
+    assert db.synced("n1")  # ...and answered: no retry timer left
     db.handle_timer(1.0)
     idle = db.next_deadline()
     assert idle is not None and idle >= 5.0 - 1e-9  # reap/bulk only, no 200 ms wake-ups

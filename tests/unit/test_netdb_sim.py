@@ -6,6 +6,7 @@ A failure prints ``reproduce: SWARMNET_SEED=<n>``."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from swarmnet.gossip.config import GossipConfig
 from swarmnet.gossip.core import MemberEvent
@@ -181,3 +182,65 @@ def test_fifty_nodes_five_networks_converge_under_loss_then_kill_and_restart() -
         assert all(k == ["add"] for k in kinds.values()), "churn after the restart"
         expected = sum(len(members[nid] - {victim}) for nid, _ in victim_keys)
         assert len(kinds) == expected
+
+
+def test_restarted_node_refills_its_tables_without_the_periodic_sync() -> None:
+    """A node restarts (fresh process, same name and address) before anyone noticed it died,
+    joins its networks again and re-puts its entries. Then every periodic bulk sync is pushed
+    out of reach (1 h), so only the join sync can refill it: its tables must equal everyone's
+    within a few seconds of virtual time, at 5% loss (a lost answer is retried)."""
+    seed = seed_from_env(11)
+    with reproducible(seed):
+        sim = NetDBSim(seed, loss=0.0)
+        names = [f"node{i:02d}" for i in range(20)]
+        for name in names:
+            sim.add(name)
+        sim.bootstrap_full_mesh()
+        for name in names:
+            for other in names:
+                if other != name:
+                    sim.dbs[name].on_member("join", other, sim.now)
+            sim._flush(name)
+        members = {"net0": set(names[:12]), "net1": set(names[6:]), "net2": set(names[::2])}
+        for nid, mem in sorted(members.items()):
+            for name in sorted(mem):
+                sim.api(name, "join_network", nid)
+        truth: dict[str, dict[str, tuple[str, bytes]]] = {nid: {} for nid in members}
+        for nid, mem in sorted(members.items()):
+            for name in sorted(mem):
+                for k in range(3):
+                    key, value = f"ep-{name}-{k}", f"{name}/{k}".encode()
+                    sim.api(name, "put", nid, key, value)
+                    truth[nid][key] = (name, value)
+        ok = sim.run_until(
+            sim.now + 120.0, stop=lambda: converged(sim, members, truth), check_every_s=0.5
+        )
+        assert ok, "no initial convergence"
+
+        # From now on no periodic sync (the restarted node's config, and the others' timers).
+        no_periodic = replace(sim.netdb_config, bulk_sync_s=3600.0)
+        sim.netdb_config = no_periodic
+        for db in sim.dbs.values():
+            db.config = no_periodic
+            db._bulk_at = sim.now + 3600.0
+        sim.loss = 0.05
+        victim = "node08"  # in all three networks
+        assert all(victim in mem for mem in members.values())
+        sim.kill(victim)
+        sim.run_for(0.5)  # shorter than failure detection: the others still see it alive
+        sim.restart(victim, via="node00")
+        t0 = sim.now
+        for nid in sorted(members):
+            sim.api(victim, "join_network", nid)
+            for key, (owner, value) in sorted(truth[nid].items()):
+                if owner == victim:
+                    sim.api(victim, "put", nid, key, value)
+
+        def refilled() -> bool:
+            db = sim.dbs[victim]
+            return all(db.entries(nid) == truth[nid] for nid in members)
+
+        ok = sim.run_until(sim.now + 20.0, stop=refilled, check_every_s=0.05)
+        assert ok, "the restarted node's tables were not refilled without a periodic sync"
+        print(f"restart refill: {sim.now - t0:.2f} s of virtual time")
+        assert sim.dbs[victim].counters.get("initial_syncs_done", 0) == len(members)
