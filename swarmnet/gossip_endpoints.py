@@ -136,6 +136,9 @@ class GossipEndpoints:
         self._retry: dict[tuple[str, int], tuple[float, float]] = {}  # addr -> (next, delay)
         self._published: dict[tuple[str, str], bytes] = {}
         self._desired: dict[tuple[str, str], bytes] = {}
+        # Local tasks whose process the supervisor last reported not running (failed and
+        # waiting for a restart, starting, stopped): not published, see task_state().
+        self._down: set[str] = set()
         # remote entry -> (seen at, event number): what programmed() may log once done.
         self._unprogrammed: dict[tuple[str, str], tuple[float, int]] = {}
         self._events = 0  # table events counted so far
@@ -307,6 +310,9 @@ class GossipEndpoints:
             self._unprogrammed.setdefault(k, (time.time(), self._events))
         if self.request_sync is not None:
             self.request_sync()
+        self._notify(ev)
+
+    def _notify(self, ev: TableEvent) -> None:
         for cb in list(self._listeners):
             try:
                 cb(ev)
@@ -349,6 +355,7 @@ class GossipEndpoints:
                 }
                 desired[(nid, t["id"])] = msgpack.packb(value, use_bin_type=True)
         self._desired = desired
+        self._down &= {k[1] for k in desired}  # forget tasks that are gone
         self._apply_publish()
         self.read_seq = self._events
         node = self.node
@@ -419,16 +426,42 @@ class GossipEndpoints:
             self._seen_remote.add((nid, key))
             log.info("gossip: programmed endpoint %s/%s seen=%.6f done=%.6f", nid, key, seen, done)
 
+    def task_state(self, task_id: str, state: str) -> None:
+        """The supervisor saw a local task change state. A task whose process is not running
+        (it exited and waits for its restart, or is starting or stopping) is withdrawn from
+        the tables now, so every node's DNS, load balancers and FDB drop it within one
+        propagation round, with no manager in the path; it is published again when it runs.
+        Tasks never reported (adopted after an agent restart) count as running."""
+        down = state != "running"
+        if down == (task_id in self._down):
+            return
+        if down:
+            self._down.add(task_id)
+        else:
+            self._down.discard(task_id)
+        self._apply_publish()
+        # Our own sandboxes' DNS and LBs list our own tasks too: tell the consumers.
+        for nid, key in self._desired:
+            if key == task_id:
+                self._notify(TableEvent("delete" if down else "add", nid, key, b"", self.node_id))
+
+    def down_tasks(self) -> frozenset[str]:
+        """Local tasks withdrawn by task_state (not running now)."""
+        return frozenset(self._down)
+
     def _apply_publish(self) -> None:
         node = self.node
         if node is None:
             return
+        # A network stays joined while a task of ours is on it, running or not: leaving
+        # would drop its table and every peer's view of our other entries there.
         want_nets = {nid for nid, _ in self._desired}
         if self._ingress is not None:
             want_nets.add(self._ingress)
         for nid in sorted(want_nets - node.networks()):
             node.join_network(nid)
-        for k, value in sorted(self._desired.items()):
+        publish = {k: v for k, v in self._desired.items() if k[1] not in self._down}
+        for k, value in sorted(publish.items()):
             if self._published.get(k) == value:
                 continue
             try:
@@ -438,7 +471,7 @@ class GossipEndpoints:
                 continue
             self._published[k] = value
             log.info("gossip: published endpoint %s/%s t=%.6f", k[0], k[1], time.time())
-        for k in sorted(set(self._published) - set(self._desired)):
+        for k in sorted(set(self._published) - set(publish)):
             if k[0] in want_nets:
                 node.delete(k[0], k[1])
             del self._published[k]

@@ -300,12 +300,16 @@ class ServicesHook:
     def _task_endpoints(self, worker: Worker, assignment: dict, running: list[dict]) -> list[dict]:
         """Every task endpoint that DNS and the LBs may use, in the managers' ``endpoints``
         shape (``network_id, task_id, task_name, service_id, service_name, address,
-        node_id``): our own running tasks (the assignment is the truth here), other nodes'
+        node_id``): our own running tasks (the assignment, minus tasks whose process is not
+        running now: GossipEndpoints.task_state), other nodes'
         from the gossip table of each network we hold, the managers' list for the rest."""
         me = (assignment.get("node") or {}).get("id") or getattr(worker, "node_id", "")
         nets = assignment.get("networks") or {}
         out: dict[tuple[str, str], dict] = {}
+        down = self._gossip.down_tasks() if self._gossip is not None else frozenset()
         for t in running:
+            if t["id"] in down:
+                continue  # its process exited: no name, no backend until it runs again
             for a in t["networks"]:
                 if a["network_id"] in nets:
                     out[(t["id"], a["network_id"])] = {

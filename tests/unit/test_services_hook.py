@@ -384,3 +384,54 @@ async def test_routing_mesh_backends_come_from_the_ingress_table(
         assert w.ingress_passes >= 1
     finally:
         await w.worker.close()
+
+
+def test_a_local_task_that_stops_running_is_withdrawn_and_comes_back() -> None:
+    """The supervisor's status reaches the tables directly (worker -> task_state): an exited
+    task leaves every node's DNS, LB and FDB within one propagation round, no manager."""
+    g = GossipEndpoints("n1", NODES["n1"])
+    node = NodeStub("n1", g._on_table)
+    g.node = node  # type: ignore[assignment]
+    t1 = {
+        "id": "t1",
+        "name": "web.1",
+        "service_name": "web",
+        "service_id": "web",
+        "desired_state": "running",
+        "spec": {"x": 1},
+        "networks": [{"network_id": "front", "address": "10.0.0.5/24"}],
+    }
+    a = {"networks": {"front": {}}, "tasks": [t1]}
+    g.remotes(a)
+    assert set(node.entries("front")) == {"t1"}
+    g.task_state("t1", "failed")  # exited; the supervisor restarts it after a backoff
+    assert node.entries("front") == {}
+    assert node.networks() == {"front"}  # still in the network: our view of it stays
+    g.remotes(a)  # a worker pass in between does not publish it again
+    assert node.entries("front") == {}
+    g.task_state("t1", "starting")
+    assert node.entries("front") == {}
+    g.task_state("t1", "running")
+    assert set(node.entries("front")) == {"t1"}
+    g.task_state("t9", "failed")  # not ours (any more): nothing changes
+    assert set(node.entries("front")) == {"t1"}
+
+
+async def test_our_own_exited_task_leaves_our_dns_and_lb_without_a_worker_pass(world) -> None:
+    await world.sync()
+    world.publish_t2_t4()
+    await world.sync()
+    assert world.backends() == {world.ip("t1"), world.ip("t2")}
+    passes = world.worker.sync
+
+    async def no_pass() -> None:
+        raise AssertionError("a worker pass was needed")
+
+    world.worker.sync = no_pass  # type: ignore[method-assign]
+    world.gossip.task_state("t3", "failed")  # db.1, dnsrr, on this node
+    await world.wait("t3 to leave DNS", lambda: world.resolve("db") == (world.ip("t4"),))
+    world.gossip.task_state("t3", "running")
+    await world.wait(
+        "t3 to come back", lambda: set(world.resolve("db")) == {world.ip("t3"), world.ip("t4")}
+    )
+    world.worker.sync = passes  # type: ignore[method-assign]
