@@ -489,6 +489,10 @@ class Agent:
             size = body.get("SubnetSize") or None
             if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
                 raise CommandError(400, "SubnetSize", "SubnetSize must be a number")
+            spec = body.get("Spec") or {}
+            if not isinstance(spec, dict):
+                raise CommandError(400, "Spec", "Spec must be a SwarmSpec object")
+            heartbeat = D.heartbeat_period_s(spec, "Spec.")
             # The CA, the tokens pinned to it, and our own manager certificate: we hold the
             # CA key, so no network is involved (docs/security.md, "How trust is established").
             cluster_id, node_id = D.new_id(), D.new_id()
@@ -523,6 +527,12 @@ class Agent:
                 shutil.rmtree(self.certs, ignore_errors=True)
                 raise
             write_atomic(self._identity_path, json.dumps(self.identity).encode())
+            if heartbeat is not None and self.manager is not None:
+                # Right after init, before any node can join: no node sees the default.
+                assert self.manager.store is not None
+                await self.manager.store.submit(
+                    {"op": "dispatcher_config", "heartbeat_period_s": heartbeat}
+                )
             return self.identity["node_id"]
 
     async def join_swarm(self, body: dict) -> None:

@@ -77,6 +77,8 @@ def cmd_swarm_init(args) -> int:
         body["DefaultAddrPool"] = args.default_addr_pool
     if args.default_addr_pool_mask_length:
         body["SubnetSize"] = args.default_addr_pool_mask_length
+    if args.dispatcher_heartbeat:
+        body["Spec"] = {"Dispatcher": {"HeartbeatPeriod": _ns(args.dispatcher_heartbeat)}}
     node_id = c.post("/swarm/init", body)
     tokens = c.get("/swarm")["JoinTokens"]
     addr = c.get("/info")["Swarm"]["NodeAddr"]
@@ -117,7 +119,16 @@ def cmd_swarm_ipsec(args) -> int:
     return 0
 
 
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
 def cmd_swarm_update(args) -> int:
+    c = _client(args)
+    if args.dispatcher_heartbeat:
+        version = c.get("/swarm")["Version"]["Index"]
+        spec = {"Dispatcher": {"HeartbeatPeriod": _ns(args.dispatcher_heartbeat)}}
+        c.post("/swarm/update", spec, version=version)
     body = {
         k: v
         for k, v in (
@@ -127,10 +138,11 @@ def cmd_swarm_update(args) -> int:
         )
         if v is not None
     }
-    if not body:
+    if not body and not args.dispatcher_heartbeat:
         print("swarm update: nothing to change (see --help)", file=sys.stderr)
         return 2
-    print_json(_client(args).post("/swarmnet/ipsec/config", body))
+    if body:
+        print_json(c.post("/swarmnet/ipsec/config", body))
     return 0
 
 
@@ -539,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--advertise-addr")
     x.add_argument("--default-addr-pool", action="append")
     x.add_argument("--default-addr-pool-mask-length", type=int)
+    x.add_argument("--dispatcher-heartbeat", type=float, metavar="SECONDS", help="node heartbeat period (default 5 s); a node is down after two")
     x.set_defaults(func=cmd_swarm_init)
     x = sw.add_parser("join")
     x.add_argument("--token", required=True)
@@ -557,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sw.add_parser("ipsec", help="the encrypted overlays' key schedule (no key material)")
     x.set_defaults(func=cmd_swarm_ipsec)
     x = sw.add_parser("update", help="cluster settings")
+    x.add_argument("--dispatcher-heartbeat", type=float, metavar="SECONDS", help="node heartbeat period (default 5 s); a node is down after two")
     x.add_argument("--ipsec-rotation-interval", type=float, metavar="SECONDS", help="rotate keys of encrypted overlays this often (default 12 h)")
     x.add_argument("--ipsec-rotation-packets", type=int, metavar="N", help="rotate once a node sent N packets under the current key (default 2^31)")
     x.add_argument("--ipsec-rotation-grace", type=float, metavar="SECONDS", help="keep the old key this long after every node switched (default 30 s)")

@@ -662,16 +662,26 @@ class Manager:
         self._kick.set()
         return result
 
+    def node_down_after_s(self) -> float:
+        """Two heartbeat periods of the swarm's spec (``--dispatcher-heartbeat``), or the
+        configured default."""
+        assert self.store is not None
+        hb = self.store.read(
+            lambda s: ((s.cluster or {}).get("dispatcher") or {}).get("heartbeat_period_s")
+        )
+        return 2.0 * float(hb) if hb else self.config.node_down_after_s
+
     async def _leader_pass(self) -> None:
         assert self.store is not None
         mono = time.monotonic()
         nodes = self.store.read(lambda s: [(n["id"], n["state"]) for n in s.nodes.values()])
+        down_after = self.node_down_after_s()
         for nid, state in nodes:
             seen = self._last_seen.get(nid)
             if seen is None:
                 # A new leader gives every node a full window before declaring it down.
                 self._last_seen[nid] = seen = self._leader_since or mono
-            alive = mono - seen < self.config.node_down_after_s
+            alive = mono - seen < down_after
             if state == "ready" and not alive:
                 log.warning("node %s missed heartbeats: marking it down", nid)
                 await self.store.submit(

@@ -404,7 +404,25 @@ def random_b36(n: int) -> str:
     return "".join(secrets.choice(_B36) for _ in range(n))
 
 
+def heartbeat_period_s(spec: dict, prefix: str) -> float | None:
+    """``Dispatcher.HeartbeatPeriod`` of a SwarmSpec (nanoseconds, as Docker sends it) in
+    seconds, or None when absent; anything else is a 400 naming the field."""
+    disp = spec.get("Dispatcher")
+    if disp is None:
+        return None
+    field = f"{prefix}Dispatcher.HeartbeatPeriod"
+    if not isinstance(disp, dict):
+        raise bad(f"{prefix}Dispatcher", "Dispatcher must be an object")
+    ns = disp.get("HeartbeatPeriod")
+    if ns is None or ns == 0:
+        return None  # docker sends 0 for "unchanged"
+    if isinstance(ns, bool) or not isinstance(ns, int) or not 10**9 <= ns <= 3600 * 10**9:
+        raise bad(field, f"{field} must be 1 s to 1 h in nanoseconds, not {ns!r}")
+    return ns / 1e9
+
+
 __all__ = [
+    "heartbeat_period_s",
     "API_VERSION",
     "parse_network_create",
     "parse_service_spec",

@@ -170,7 +170,15 @@ class API:
                 "Version": {"Index": c["version"]},
                 "CreatedAt": c["created"],
                 "UpdatedAt": c["updated"],
-                "Spec": {"Name": "default", "Labels": {}},
+                "Spec": {
+                    "Name": "default",
+                    "Labels": {},
+                    "Dispatcher": {
+                        "HeartbeatPeriod": int(
+                            float((c.get("dispatcher") or {}).get("heartbeat_period_s", 5.0)) * 1e9
+                        )
+                    },
+                },
                 "DefaultAddrPool": c["pools"],
                 "SubnetSize": c["subnet_size"],
                 "DataPathPort": 4789,
@@ -193,6 +201,10 @@ class API:
 
     async def swarm_update(self, request: web.Request) -> web.Response:
         self._manager()
+        spec = await _json(request)  # the docker CLI sends the whole SwarmSpec
+        period = D.heartbeat_period_s(spec if isinstance(spec, dict) else {}, "")
+        if period is not None:
+            await self._submit({"op": "dispatcher_config", "heartbeat_period_s": period})
         for role in ("worker", "manager"):
             if request.query.get(f"rotate{role.capitalize()}Token") in ("1", "true", "True"):
                 await self._submit(

@@ -35,11 +35,16 @@ def plan(state: ClusterState, new_id: Callable[[], str], now: str) -> list[dict]
 
     for svc in sorted(state.services.values(), key=lambda s: s["id"]):
         want = service_replicas(svc["spec"])
-        live = [
-            t
-            for t in state.tasks.values()
-            if t["service_id"] == svc["id"] and t["desired_state"] == "running"
-        ]
+        live = []
+        for t in state.tasks.values():
+            if t["service_id"] != svc["id"] or t["desired_state"] != "running":
+                continue
+            if t["node_id"] not in state.nodes:
+                # Its node is gone (a state from before remove_node stopped such tasks):
+                # stop it, so that its slot is filled elsewhere.
+                cmds.append({"op": "task_desired", "id": t["id"], "desired": "shutdown"})
+                continue
+            live.append(t)
         have_slots = {t["slot"] for t in live}
         # Scale down: the highest slots go first, like Docker.
         for t in sorted(live, key=lambda t: -t["slot"]):

@@ -274,10 +274,18 @@ class ClusterState(ServiceCommands):
                 "use --force to remove it anyway",
             )
         for task in self.tasks.values():
-            if task["node_id"] == node["id"] and task["status"]["state"] not in TASK_TERMINAL:
-                if task["desired_state"] == "running":
-                    task["desired_state"] = "shutdown"
+            if task["node_id"] != node["id"]:
+                continue
+            # Every task of the node stops being wanted there, whatever its last status: a
+            # node that left reported its tasks "shutdown" while they were still desired
+            # running, and such a task held its slot forever (nothing rescheduled it).
+            changed = task["desired_state"] == "running"
+            if changed:
+                task["desired_state"] = "shutdown"
+            if task["status"]["state"] not in TASK_TERMINAL:
                 task["status"] = {"state": "orphaned", "err": "node removed", "ts": cmd["now"]}
+                changed = True
+            if changed:
                 task["version"] = self._bump()
         del self.nodes[node["id"]]
         ingress = self.ingress_network()
@@ -454,6 +462,25 @@ class ClusterState(ServiceCommands):
         if cur == (cluster.get("ipsec_config") or {}):
             return {"ok": True, "noop": True}
         cluster["ipsec_config"] = cur
+        self._bump()
+        return {"ok": True}
+
+    def _cmd_dispatcher_config(self, cmd: dict) -> dict:
+        """``SwarmSpec.Dispatcher.HeartbeatPeriod`` (``swarm init|update
+        --dispatcher-heartbeat``): the leader declares a node down after two periods
+        without a poll. Slow hosts (VMs under emulation) need more than the 5 s default."""
+        cluster = self._require_cluster()
+        v = cmd.get("heartbeat_period_s")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 1.0 <= v <= 3600.0:
+            raise CommandError(
+                400,
+                "Dispatcher.HeartbeatPeriod",
+                f"the heartbeat period must be between 1 s and 1 h, not {v!r}",
+            )
+        new = {"heartbeat_period_s": float(v)}
+        if cluster.get("dispatcher") == new:
+            return {"ok": True, "noop": True}
+        cluster["dispatcher"] = new
         self._bump()
         return {"ok": True}
 

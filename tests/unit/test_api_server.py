@@ -438,6 +438,38 @@ async def test_ipsec_settings_rotation_and_metrics(h: Harness) -> None:
     ), text
 
 
+async def test_dispatcher_heartbeat_at_init_and_update(h: Harness) -> None:
+    for bad in ({"HeartbeatPeriod": "5s"}, {"HeartbeatPeriod": 10}, "x"):
+        status, body, _ = await h.call(
+            "POST", "/swarm/init", json={"AdvertiseAddr": "127.0.0.1", "Spec": {"Dispatcher": bad}}
+        )
+        assert status == 400 and "Spec.Dispatcher" in body["message"], (bad, body)
+    assert h.agent.identity is None  # refused before anything was made
+    await h.ok(
+        "POST",
+        "/swarm/init",
+        json={
+            "AdvertiseAddr": "127.0.0.1",
+            "Spec": {"Dispatcher": {"HeartbeatPeriod": 30 * 10**9}},
+        },
+    )
+    sw = await h.ok("GET", "/swarm")
+    assert sw["Spec"]["Dispatcher"]["HeartbeatPeriod"] == 30 * 10**9
+    assert h.agent.manager.node_down_after_s() == 60.0
+    version = sw["Version"]["Index"]
+    status, body, _ = await h.call(
+        "POST", f"/swarm/update?version={version}", json={"Dispatcher": {"HeartbeatPeriod": -1}}
+    )
+    assert status == 400 and "Dispatcher.HeartbeatPeriod" in body["message"]
+    await h.ok(
+        "POST",
+        f"/swarm/update?version={version}",
+        json={"Dispatcher": {"HeartbeatPeriod": 7 * 10**9}},
+    )
+    assert h.agent.manager.node_down_after_s() == 14.0
+    assert (await h.ok("GET", "/swarm"))["Spec"]["Dispatcher"]["HeartbeatPeriod"] == 7 * 10**9
+
+
 def test_prometheus_names() -> None:
     assert prom_name("swarmnet_ipsec_XfrmInNoStates") == "swarmnet_ipsec_xfrm_in_no_states"
     assert prom_name("swarmnet_gossip_drop.bad-crc") == "swarmnet_gossip_drop_bad_crc"

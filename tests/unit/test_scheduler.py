@@ -256,3 +256,35 @@ def test_plan_does_not_mutate_state() -> None:
     before = pickle.dumps(s)
     plan(s, ids(), NOW)
     assert pickle.dumps(s) == before
+
+
+def test_a_node_that_left_and_was_removed_gets_its_slots_refilled() -> None:
+    """`swarm leave` on a worker: its tasks report "shutdown" while still desired running;
+    then `node rm --force`. The slots must be filled on the remaining nodes."""
+    s = cluster(3)
+    service(s, "S1", 3)
+    run(s, ids())
+    gone = [tid for tid, t in s.tasks.items() if t["node_id"] == "n3"]
+    assert gone
+    for tid in gone:
+        report(s, tid, "shutdown")
+    r = s.apply({"op": "remove_node", "node_id": "n3", "force": True, "now": NOW})
+    assert r == {"ok": True}, r
+    assert all(s.tasks[tid]["desired_state"] == "shutdown" for tid in gone)
+    run(s, ids("u"))
+    assert sum(per_node(s, "S1").values()) == 3 and "n3" not in per_node(s)
+    assert plan(s, ids("v"), NOW) == []  # converged
+
+
+def test_a_task_on_a_vanished_node_is_stopped_and_replaced() -> None:
+    """State from before remove_node stopped such tasks: the scheduler repairs it."""
+    s = cluster(3)
+    service(s, "S1", 3)
+    run(s, ids())
+    stale = next(tid for tid, t in s.tasks.items() if t["node_id"] == "n3")
+    del s.nodes["n3"]  # as an older state machine left it
+    cmds = run(s, ids("u"))
+    assert {"op": "task_desired", "id": stale, "desired": "shutdown"} in cmds
+    run(s, ids("v"))  # the garbage pass removes it
+    assert stale not in s.tasks
+    assert sum(per_node(s, "S1").values()) == 3
