@@ -29,10 +29,12 @@ wall clock of the one machine, so stamps from different hosts compare directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +199,53 @@ class Bench:
 
     _PUB = re.compile(r"gossip: published endpoint (\S+) t=([0-9.]+)")
     _PROG = re.compile(r"gossip: programmed endpoint (\S+) seen=[0-9.]+ done=([0-9.]+)")
+    _SEEN = re.compile(r"gossip: programmed endpoint (\S+) seen=([0-9.]+) done=([0-9.]+)")
+    # The workers' own timings (swarmnet/worker.py): "(name value name value ... ms)".
+    _FAST = re.compile(r"overlay fast path: applied \d+ FDB/neighbour ops \(([^)]*) ms\)")
+    _SYNC = re.compile(r"overlay: sync timings \(([^)]*) ms\) full=(\d)")
+
+    def breakdown(self) -> list[str]:
+        """Where propagation time goes, from the receiving hosts' logs: per measured endpoint
+        the LAST host's gossip part (owner's publish -> table event there) and local part
+        (table event -> kernel programmed), and the workers' fast-path and sync phase
+        timings over every host (a sync's "kernel" is a full pass or, when only remote
+        endpoints changed, their delta)."""
+        pub: dict[str, float] = {}
+        seen: dict[str, list[tuple[float, float]]] = {}
+        fast: dict[str, list[float]] = {}
+        sync: dict[str, list[float]] = {}
+        full_passes = 0
+        for h in self.hosts:
+            text = self.log(h)
+            for key, t in self._PUB.findall(text):
+                pub[key] = float(t)
+            for key, t_seen, t_done in self._SEEN.findall(text):
+                seen.setdefault(key, []).append((float(t_seen), float(t_done)))
+            bodies = [(b, fast) for b in self._FAST.findall(text)]
+            for b, full in self._SYNC.findall(text):
+                bodies.append((b, sync))
+                full_passes += int(full)
+            for body, out in bodies:
+                words = body.split()
+                for name, v in zip(words[::2], words[1::2], strict=False):
+                    out.setdefault(name, []).append(float(v) / 1000)
+        gossip, local = [], []
+        for key, t0 in pub.items():
+            hits = seen.get(key) or []
+            if len(hits) < len(self.hosts) - 1:
+                continue  # an initial endpoint, or not everywhere
+            t_seen, t_done = max(hits, key=lambda x: x[1])
+            gossip.append(t_seen - t0)
+            local.append(t_done - t_seen)
+        lines = [
+            f"  last host, publish -> table event: {fmt(gossip)}",
+            f"  last host, table event -> programmed: {fmt(local)}",
+        ]
+        lines += [f"  fast path {k}: {fmt(v)}" for k, v in fast.items()]
+        lines += [f"  sync {k}: {fmt(v)}" for k, v in sync.items()]
+        n_sync = len(sync.get("total", []))
+        lines.append(f"  syncs: {n_sync}, of which full passes: {full_passes} (all hosts)")
+        return lines
 
     def _published(self) -> int:
         return sum(len(self._PUB.findall(self.log(h))) for h in self.hosts)
@@ -350,7 +399,13 @@ class Bench:
         )
         return ours, serf
 
-    def close(self) -> None:
+    def close(self, keep: str | None = None) -> None:
+        if keep:  # the agents' logs, before the lab (and its directory) goes
+            out = Path(keep)
+            out.mkdir(parents=True, exist_ok=True)
+            for h in self.hosts:
+                with contextlib.suppress(OSError):
+                    shutil.copy(self.dir / h / "agent.log", out / f"{h}.log")
         for p in self.serf.values():
             if p.poll() is None:
                 p.kill()
@@ -366,6 +421,7 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=120.0, help="loss window, seconds")
     ap.add_argument("--loss", type=int, default=10, help="underlay frame loss, percent")
     ap.add_argument("--json", help="also write the raw figures here")
+    ap.add_argument("--keep-logs", help="copy the agents' logs into this directory")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -378,6 +434,7 @@ def main() -> int:
         print(f"lab {name}: {args.hosts} hosts, swarmnet agents + serf agents", flush=True)
         ours_p = b.propagation_ours(args.tasks)
         print("propagation, ours:", fmt(ours_p), flush=True)
+        print("\n".join(b.breakdown()), flush=True)
         serf_p = b.propagation_serf(args.tasks)
         print("propagation, serf:", fmt(serf_p), flush=True)
         ours_d = b.detection_ours(victim, args.kills)
@@ -386,7 +443,7 @@ def main() -> int:
         print("detection, serf:", fmt(serf_d, 1, "s"), flush=True)
         ours_f, serf_f = b.false_deaths(args.loss, args.window)
     finally:
-        b.close()
+        b.close(args.keep_logs)
     print()
     print(f"{'':34} {'swarmnet':58} serf")
     print(f"{'propagation to all other hosts':34} {fmt(ours_p):58} {fmt(serf_p)}")

@@ -11,9 +11,11 @@ already as desired).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,15 +27,8 @@ import aiohttp
 from swarmnet.api.docker import service_argv
 from swarmnet.kernel.errors import KernelError
 from swarmnet.kernel.types import Kernel
-from swarmnet.overlay.plan import (
-    LocalAttachment,
-    NodeOverlay,
-    OverlayNetwork,
-    RemoteEndpoint,
-    remote_delta,
-    sandbox_name,
-)
-from swarmnet.overlay.reconciler import OverlayReconciler
+from swarmnet.overlay.plan import NodeOverlay, RemoteEndpoint, node_overlay, sandbox_name
+from swarmnet.overlay.reconciler import EntryGuard, OverlayReconciler, RemotesRead
 from swarmnet.runtime.supervisor import Supervisor, TaskSpec
 from swarmnet.sandbox_hooks import AssignmentEndpoints, EndpointSource, SandboxHook
 
@@ -41,6 +36,9 @@ if TYPE_CHECKING:
     from swarmnet.ipsec_hook import IpsecHook
 
 log = logging.getLogger(__name__)
+
+# Assignment keys that say nothing about what this node must run or program.
+_VOLATILE = frozenset({"index", "managers", "leader"})
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,7 @@ class Worker:
         netns_prefix: str,
         kernel: Kernel,
         config: WorkerConfig | None = None,
+        fast_kernel: Kernel | None = None,
     ):
         self.node_id = node_id
         # pki.client_context: our certificate, the cluster CA pinned, the server must hold a
@@ -78,7 +77,9 @@ class Worker:
         self.netns_prefix = netns_prefix
         self.kernel = kernel
         self.config = config or WorkerConfig()
-        self.reconciler = OverlayReconciler(kernel)
+        # The remote-entry model the full pass and the fast path share (reconciler.py).
+        self.guard = EntryGuard()
+        self.reconciler = OverlayReconciler(kernel, self.guard)
         self.supervisor = Supervisor(data_dir / "tasks", self._on_status)
         self.assignment: dict | None = None
         self._pending: dict[str, dict] = {}
@@ -106,14 +107,31 @@ class Worker:
         # state and run their own (non-uvloop) event loop, which cannot live on the agent's
         # uvloop thread; one thread also serialises kernel programming.
         self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
-        # The fast path's model: the NodeOverlay the kernel was last reconciled (or
-        # fast-pathed) to; None when unknown (no pass yet, or a pass or fast path failed).
-        # Read and written ONLY on the kernel thread, so that it always describes what the
-        # ops before it in that thread's FIFO queue left in the kernel.
-        self._kernel_model: NodeOverlay | None = None
+        # ...except the fast path's FDB/neighbour deltas: they get a thread and a kernel
+        # (netlink sockets, same namespace) of their own, so that a gossip event never
+        # queues behind a full pass or a hook's nftables work. ``self.guard`` keeps the two
+        # writers of remote entries from undoing each other. A kernel that cannot be cloned
+        # (the fake) shares the main thread, as before, unless a test passes one.
+        if fast_kernel is None:
+            clone = getattr(kernel, "clone", None)
+            fast_kernel = clone() if clone is not None else None
+        self._own_fast_kernel = fast_kernel is not None and fast_kernel is not kernel
+        self.fast_kernel: Kernel = fast_kernel if fast_kernel is not None else kernel
+        self._fx = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel-fast")
+            if fast_kernel is not None
+            else self._kx
+        )
+        self._synced_content: dict | None = None  # the last assignment synced cleanly...
+        self._synced_at = -float("inf")  # ...and when that sync started (monotonic)
+        self.syncs_skipped = 0  # assignments that changed only in _VOLATILE keys
+        self._last_full = -float("inf")  # monotonic time of the last full pass
+        self.full_skipped = 0  # syncs that needed only the remote-entry delta
+        self._read_seq = 0  # counts reads of the remote endpoints (RemotesRead.seq)
         self._fast_scheduled = False
         self._fast_inflight = False
         self._fast_again = False
+        self._fast_first_event: float | None = None  # first request_sync the next pass covers
         self.fastpath_applied = 0  # fast-path passes that changed the kernel
         self.fastpath_fallbacks = 0  # fast-path passes that failed and asked for a full sync
 
@@ -141,6 +159,12 @@ class Worker:
         if self._session is not None:
             await self._session.close()
         self._kx.shutdown(wait=True)
+        if self._fx is not self._kx:
+            self._fx.shutdown(wait=True)
+        if self._own_fast_kernel:
+            close = getattr(self.fast_kernel, "close", None)
+            if close is not None:
+                close()
 
     async def run_in_kernel_thread(self, fn, *args):
         """Run ``fn(*args)`` on the one kernel thread (hooks' kernel work)."""
@@ -210,30 +234,69 @@ class Worker:
                     cb(assignment)
                 except Exception:
                     log.exception("assignment callback failed")
+            # Most store changes (another node's task reporting "running") change nothing
+            # this node is told but the index: no sync for those, unless the last one with
+            # this content failed or is resync_s old (the pass that repairs outside damage).
+            content = self._needs_sync(assignment)
+            if content is None:
+                continue
+            self._synced_content, started, errors = None, time.monotonic(), self.reconcile_errors
             try:
                 await self.sync()
             except Exception:
                 self.reconcile_errors += 1
                 log.exception("sync failed; retrying on the next assignment")
                 await asyncio.sleep(delay)
+            if self.reconcile_errors == errors:
+                self._synced_content, self._synced_at = content, started
+
+    def _needs_sync(self, assignment: dict) -> dict | None:
+        """The assignment's content if it needs a sync; None if the last clean sync had the
+        same content less than resync_s ago."""
+        content = {k: v for k, v in assignment.items() if k not in _VOLATILE}
+        if (
+            content == self._synced_content
+            and time.monotonic() - self._synced_at < self.config.resync_s
+        ):
+            self.syncs_skipped += 1
+            return None
+        return content
+
+    def metrics(self) -> dict[str, int]:
+        """Counters of the overlay programming (for the agent's /metrics)."""
+        return {
+            "overlay_full_passes": self.reconciler.passes,
+            "overlay_delta_only_syncs": self.full_skipped,
+            "overlay_syncs_skipped": self.syncs_skipped,
+            "overlay_fastpath_applied": self.fastpath_applied,
+            "overlay_fastpath_fallbacks": self.fastpath_fallbacks,
+            "overlay_fastpath_replans": self.guard.replans,
+            "overlay_reconcile_errors": self.reconcile_errors,
+        }
 
     def request_sync(self) -> None:
         """An endpoint changed (a gossip table event). Remote endpoints are programmed by the
         fast path within a few ms (``_fast_path``: the FDB/neighbour delta only, no
-        snapshot, no hooks); a full sync (coalesced with others) follows only when the fast
-        path cannot do it (no pass yet, a failed op, an encrypted network). The periodic
-        and per-assignment full syncs repair anything else, since they diff against the
-        kernel."""
+        snapshot, no hooks, on its own thread and sockets); a full sync (coalesced with
+        others) follows only when the fast path cannot do it (no pass yet, a failed op, an
+        encrypted network). Full passes, which diff against the kernel and so repair
+        anything else, run for every assignment that changes more than remote endpoints
+        and at least every ``resync_s``."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             self._dirty.set()  # not on the loop (a test, a thread): the plain resync
             return
+        if self._fast_first_event is None:
+            self._fast_first_event = time.monotonic()
         self._fast_path()
 
     async def _resync_loop(self) -> None:
         while True:
-            await self._dirty.wait()
+            # News, or resync_s without any: then the sync is a full pass (it repairs what
+            # someone else broke; see sync's delta-only case).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.config.resync_s)
             await asyncio.sleep(self.config.resync_min_s)
             self._dirty.clear()
             try:
@@ -315,7 +378,9 @@ class Worker:
         assignment = self.assignment
         if assignment is None:
             return
+        t_wait = time.monotonic()
         async with self._kernel_lock:
+            t_start = time.monotonic()
             running = [
                 t for t in assignment["tasks"] if t["desired_state"] == "running" and t["spec"]
             ]
@@ -344,9 +409,27 @@ class Worker:
                     log.exception("hook %s before_reconcile failed", type(hook).__name__)
             # 2. The kernel: sandboxes, bridges, VXLAN, veths, FDB and neighbours.
             loop = asyncio.get_running_loop()
+            t_before = time.monotonic()
             mtu = await loop.run_in_executor(self._kx, self._underlay)
             node = self._node_overlay(assignment, running, mtu)
-            ops = await loop.run_in_executor(self._kx, self._reconcile, node)
+            rec: list[float] = []  # the full pass's start and end (the timings log)
+            read: RemotesRead | None = None
+            ops: list = []
+            full = True
+            if time.monotonic() - self._last_full < self.config.resync_s:
+                # Only remote endpoints changed since the last full pass (the usual case:
+                # another node's task came or went): their delta, on the fast thread,
+                # instead of snapshotting every namespace. A full pass still runs at least
+                # every resync_s (the resync loop), and whenever anything else changed.
+                read = self.guard.latest  # the one _node_overlay has just offered
+                assert read is not None
+                n, full = await loop.run_in_executor(self._fx, self._delta_for, node, read)
+                if not full:
+                    self.full_skipped += 1
+            if full:
+                ops, read = await loop.run_in_executor(self._kx, self._reconcile, node, rec)
+                self._last_full = time.monotonic()
+            t_kernel = time.monotonic()
             if ops:
                 log.info(
                     "overlay: applied %d kernel ops (%s)",
@@ -355,9 +438,7 @@ class Worker:
                 )
             if self.ipsec is not None:  # removals only now that VXLAN devices/FDB are gone
                 await self.ipsec.after_reconcile(self, assignment, running)
-            programmed = getattr(self.endpoints, "programmed", None)
-            if programmed is not None:
-                programmed()
+            self._programmed(read.mark if read is not None else None)
             for hook in self.hooks:
                 try:
                     await hook.after_reconcile(self, assignment, running)
@@ -367,13 +448,45 @@ class Worker:
             # 3. Processes.
             for t in running:
                 self.supervisor.ensure(self._task_spec(t))
+            t_end = time.monotonic()
+            log.info(
+                "overlay: sync timings (total %.1f lockwait %.1f before %.1f kernel %.1f "
+                "reconcile %.1f after %.1f ms) full=%d",
+                1000 * (t_end - t_wait), 1000 * (t_start - t_wait), 1000 * (t_before - t_start),
+                1000 * (t_kernel - t_before), 1000 * (rec[1] - rec[0]) if rec else 0.0,
+                1000 * (t_end - t_kernel), full,
+            )  # fmt: skip
 
-    def _reconcile(self, node: NodeOverlay) -> list:
-        """Kernel thread: the full pass, then remember what the kernel now holds."""
-        self._kernel_model = None
+    def _reconcile(self, node: NodeOverlay, rec: list[float]) -> tuple[list, RemotesRead | None]:
+        """Kernel thread: the full pass (programming the newest remotes read, which may be
+        newer than ``node``'s: see reconciler.EntryGuard). Returns the ops and that read."""
+        rec.append(time.monotonic())
         ops = self.reconciler.reconcile(node)
-        self._kernel_model = node
-        return ops
+        rec.append(time.monotonic())
+        return ops, self.reconciler.last_read
+
+    def _delta_for(self, node: NodeOverlay, read: RemotesRead) -> tuple[int, bool]:
+        """Fast kernel thread: bring the remote entries to ``read`` if the kernel is known
+        to hold ``node`` in everything else; (ops, whether a full pass is needed)."""
+        try:
+            return self.guard.fast_apply(self.fast_kernel, read, expect=node)
+        except KernelError as e:
+            log.warning("overlay: delta-only sync failed (%s); doing a full pass", e)
+            return 0, True
+
+    def _programmed(self, mark: int | None) -> None:
+        """Tell the endpoint source (gossip) which of its events are now in the kernel."""
+        programmed = getattr(self.endpoints, "programmed", None)
+        if programmed is not None:
+            programmed(mark) if mark is not None else programmed()
+
+    def _read_remotes(self, remotes: tuple[RemoteEndpoint, ...]) -> RemotesRead:
+        """Loop thread: stamp a read of the remotes and offer it to the guard, in read order
+        (the full pass always programs the newest read)."""
+        self._read_seq += 1
+        read = RemotesRead(self._read_seq, remotes, getattr(self.endpoints, "read_seq", None))
+        self.guard.offer(read)
+        return read
 
     # ---- the fast path for remote endpoints -------------------------------------------
 
@@ -389,6 +502,8 @@ class Worker:
 
     def _fast_start(self) -> None:
         self._fast_scheduled = False
+        t_ev, self._fast_first_event = self._fast_first_event, None
+        t_read = time.monotonic()
         assignment = self.assignment
         if assignment is None:
             return
@@ -398,15 +513,14 @@ class Worker:
             log.exception("overlay fast path: reading remote endpoints failed")
             self._dirty.set()
             return
-        # No await between reading the remotes and queueing the delta: the kernel thread
-        # runs deltas and full passes in the order their inputs were read.
-        mark = getattr(self.endpoints, "read_seq", None)  # which events this read covers
-        fut = asyncio.get_running_loop().run_in_executor(self._kx, self._fast_apply, remotes)
+        read = self._read_remotes(remotes)
+        stamps = [t_ev if t_ev is not None else t_read, t_read]
+        fut = asyncio.get_running_loop().run_in_executor(self._fx, self._fast_apply, read, stamps)
         self._fast_inflight = True
-        fut.add_done_callback(lambda f: self._fast_done(f, mark))
+        fut.add_done_callback(lambda f: self._fast_done(f, read.mark, stamps))
 
     def _current_remotes(self, assignment: dict) -> tuple[RemoteEndpoint, ...]:
-        # The same remotes as _node_overlay gathers (keep the two in step).
+        # What _node_overlay and the fast path both read.
         remotes = tuple(r for r in self.endpoints.remotes(assignment) if r.vtep != self.vtep)
         for hook in self.hooks:
             more = getattr(hook, "extra_remotes", None)
@@ -414,24 +528,24 @@ class Worker:
                 remotes += tuple(r for r in more(self, assignment) if r.vtep != self.vtep)
         return remotes
 
-    def _fast_apply(self, remotes: tuple[RemoteEndpoint, ...]) -> tuple[int, bool]:
-        """Kernel thread: apply the delta from the model to ``remotes``. Returns the ops
+    def _fast_apply(self, read: RemotesRead, stamps: list[float]) -> tuple[int, bool]:
+        """Fast kernel thread: apply the delta from the model to ``read``. Returns the ops
         applied and whether a full sync is still needed."""
-        model = self._kernel_model
-        if model is None:
-            return 0, True  # kernel state unknown: only a full pass can do it
-        ops, new, rest_changed = remote_delta(model, remotes)
-        if ops:
-            self._kernel_model = None  # until the ops are known to be in
-            try:
-                self.kernel.apply(ops)
-            except KernelError as e:
-                log.warning("overlay fast path: %s; leaving it to a full sync", e)
-                return 0, True
-        self._kernel_model = new
-        return len(ops), rest_changed
+        stamps.append(time.monotonic())
+        try:
+            return self.guard.fast_apply(
+                self.fast_kernel, read, lambda: stamps.append(time.monotonic())
+            )
+        except KernelError as e:
+            log.warning("overlay fast path: %s; leaving it to a full sync", e)
+            return 0, True
+        finally:
+            if len(stamps) == 3:  # returned before taking the lock
+                stamps.append(stamps[-1])
+            stamps.append(time.monotonic())
 
-    def _fast_done(self, fut: asyncio.Future, mark: int | None) -> None:
+    def _fast_done(self, fut: asyncio.Future, mark: int | None, stamps: list[float]) -> None:
+        stamps.append(time.monotonic())
         self._fast_inflight = False
         if self._fast_again:
             self._fast_again = False
@@ -450,10 +564,13 @@ class Worker:
             return
         if n:
             self.fastpath_applied += 1
-            log.info("overlay fast path: applied %d FDB/neighbour ops", n)
-        programmed = getattr(self.endpoints, "programmed", None)
-        if programmed is not None:
-            programmed(mark) if mark is not None else programmed()
+            ms = [1000 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
+            log.info(
+                "overlay fast path: applied %d FDB/neighbour ops "
+                "(loop %.1f queue %.1f lock %.1f apply %.1f back %.1f ms)",
+                n, *ms,
+            )  # fmt: skip
+        self._programmed(mark)
 
     def _underlay(self) -> int:
         if self._underlay_mtu is None:
@@ -466,55 +583,15 @@ class Worker:
         return self._underlay_mtu
 
     def _node_overlay(self, assignment: dict, running: list[dict], mtu: int) -> NodeOverlay:
-        nets = assignment["networks"]
-        attachments = []
-        for t in running:
-            for i, a in enumerate(t["networks"]):
-                if a["network_id"] in nets:
-                    attachments.append(
-                        LocalAttachment(
-                            task_id=t["id"],
-                            network_id=a["network_id"],
-                            address=a["address"],
-                            netns=sandbox_name(self.netns_prefix, t["id"]),
-                            ifname=f"eth{i}",
-                        )
-                    )
         # Hooks may add endpoints of their own (the services hook's ingress sandbox).
-        extra_sandboxes = []
+        extra = []
         for hook in self.hooks:
-            extra = getattr(hook, "extra_attachments", None)
-            for a in extra(self, assignment) if extra is not None else ():
-                if a.network_id in nets:
-                    attachments.append(a)
-                    extra_sandboxes.append(a.netns)
-        remotes = tuple(r for r in self.endpoints.remotes(assignment) if r.vtep != self.vtep)
-        for hook in self.hooks:  # e.g. other nodes' ingress endpoints (services hook)
-            more = getattr(hook, "extra_remotes", None)
-            if more is not None:
-                remotes += tuple(r for r in more(self, assignment) if r.vtep != self.vtep)
-        return NodeOverlay(
-            vtep=self.vtep,
-            underlay_mtu=mtu,
-            networks=tuple(
-                OverlayNetwork(
-                    id=n["id"],
-                    name=n["name"],
-                    vni=n["vni"],
-                    subnet=n["subnet"],
-                    encrypted=bool(n.get("encrypted")),
-                )
-                for n in sorted(nets.values(), key=lambda n: n["vni"])
-            ),
-            sandboxes=tuple(
-                sorted(
-                    {sandbox_name(self.netns_prefix, t["id"]) for t in running}
-                    | set(extra_sandboxes)
-                )
-            ),
-            attachments=tuple(attachments),
-            remotes=remotes,
-            netns_prefix=self.netns_prefix,
+            more = getattr(hook, "extra_attachments", None)
+            extra += list(more(self, assignment)) if more is not None else []
+        # Other nodes' endpoints, and the hooks' (the services hook's ingress endpoints).
+        remotes = self._read_remotes(self._current_remotes(assignment)).remotes
+        return node_overlay(
+            self.vtep, mtu, self.netns_prefix, assignment["networks"], running, extra, remotes
         )
 
     def _task_spec(self, t: dict) -> TaskSpec:

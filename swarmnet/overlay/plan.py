@@ -116,6 +116,54 @@ class NodeOverlay:
     netns_prefix: str
 
 
+def node_overlay(
+    vtep: str,
+    underlay_mtu: int,
+    netns_prefix: str,
+    networks: dict[str, dict],
+    running: list[dict],
+    extra: list[LocalAttachment],
+    remotes: tuple[RemoteEndpoint, ...],
+) -> NodeOverlay:
+    """The worker's input model from an assignment's ``networks`` and its ``running`` tasks
+    (each network attachment becomes eth0, eth1... in the task's sandbox), plus ``extra``
+    attachments (hooks' own sandboxes). Attachments to networks not in ``networks`` are
+    dropped."""
+    attachments = [
+        LocalAttachment(
+            task_id=t["id"],
+            network_id=a["network_id"],
+            address=a["address"],
+            netns=sandbox_name(netns_prefix, t["id"]),
+            ifname=f"eth{i}",
+        )
+        for t in running
+        for i, a in enumerate(t["networks"])
+        if a["network_id"] in networks
+    ]
+    extra = [a for a in extra if a.network_id in networks]
+    attachments += extra
+    sandboxes = {sandbox_name(netns_prefix, t["id"]) for t in running} | {a.netns for a in extra}
+    return NodeOverlay(
+        vtep=vtep,
+        underlay_mtu=underlay_mtu,
+        networks=tuple(
+            OverlayNetwork(
+                id=n["id"],
+                name=n["name"],
+                vni=n["vni"],
+                subnet=n["subnet"],
+                encrypted=bool(n.get("encrypted")),
+            )
+            for n in sorted(networks.values(), key=lambda n: n["vni"])
+        ),
+        sandboxes=tuple(sorted(sandboxes)),
+        attachments=tuple(attachments),
+        remotes=remotes,
+        netns_prefix=netns_prefix,
+    )
+
+
 # ---- deterministic names --------------------------------------------------------------
 
 

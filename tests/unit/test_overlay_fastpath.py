@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from swarmnet.overlay.plan import (
     vxlan_name,
 )
 from swarmnet.overlay.reconciler import OverlayReconciler
-from swarmnet.worker import Worker
+from swarmnet.worker import Worker, WorkerConfig
 
 NET_A = OverlayNetwork(id="a", name="a", vni=4097, subnet="10.0.1.0/24")
 NET_B = OverlayNetwork(id="b", name="b", vni=4098, subnet="10.0.2.0/24")
@@ -257,10 +259,10 @@ async def test_worker_fast_path_falls_back_when_the_kernel_differs(worker) -> No
     src.remotes_now = [r("a", "10.0.1.9")]
     worker.request_sync()
     await wait_for(lambda: worker.fastpath_fallbacks == 1)
-    assert worker._dirty.is_set() and worker._kernel_model is None
+    assert worker._dirty.is_set() and worker.guard.model is None
     await worker.sync()  # the full pass repairs, and the model is back
     snap = worker.kernel.snapshot(None)
-    assert neigh("10.0.1.9") in snap.neigh and worker._kernel_model is not None
+    assert neigh("10.0.1.9") in snap.neigh and worker.guard.model is not None
 
 
 async def test_worker_without_a_pass_or_on_encrypted_network_asks_for_full_sync(worker) -> None:
@@ -271,11 +273,130 @@ async def test_worker_without_a_pass_or_on_encrypted_network_asks_for_full_sync(
     await wait_for(lambda: worker.fastpath_fallbacks == 1)
     assert worker._dirty.is_set()
     worker._dirty.clear()
-    worker._kernel_model = replace(node(), remotes=())  # as if reconciled (encrypted "e")
+    worker.guard.model = replace(node(), remotes=())  # as if reconciled (encrypted "e")
     src.remotes_now = [r("e", "10.0.3.9")]
     worker.request_sync()
     await wait_for(lambda: worker.fastpath_fallbacks == 2)
     assert worker._dirty.is_set()
+
+
+async def test_sync_with_only_remote_changes_is_a_delta_and_resync_s_forces_a_pass(
+    worker,
+) -> None:
+    src: Source = worker.endpoints
+    worker.assignment = assignment()
+    await worker.sync()
+    passes = worker.reconciler.passes
+    src.remotes_now = [r("a", "10.0.1.9")]
+    await worker.sync()  # a new assignment, but for this node only a remote changed
+    assert worker.reconciler.passes == passes and worker.full_skipped == 1
+    snap = worker.kernel.snapshot(None)
+    assert fdb("10.0.1.9") in snap.fdb and neigh("10.0.1.9") in snap.neigh
+    # Outside damage is not seen by a delta-only sync...
+    worker.kernel.apply([NeighDel(neigh("10.0.1.9"))])
+    await worker.sync()
+    assert worker.reconciler.passes == passes
+    # ...but resync_s after the last full pass the next sync is one, and repairs it.
+    worker._last_full -= worker.config.resync_s
+    await worker.sync()
+    assert worker.reconciler.passes == passes + 1
+    assert neigh("10.0.1.9") in worker.kernel.snapshot(None).neigh
+    # Anything but remotes changed (here: the task left): a full pass at once.
+    worker.assignment = {**assignment(), "tasks": []}
+    await worker.sync()
+    assert worker.reconciler.passes == passes + 2
+    assert fdb("10.0.1.9") not in worker.kernel.snapshot(None).fdb
+
+
+def test_an_assignment_that_changed_only_its_index_needs_no_sync(worker) -> None:
+    a = {**assignment(), "index": 7, "leader": "m1"}
+    content = worker._needs_sync(a)
+    assert content is not None
+    worker._synced_content, worker._synced_at = content, time.monotonic()  # as _follow does
+    assert worker._needs_sync({**a, "index": 8, "leader": "m2"}) is None
+    assert worker.metrics()["overlay_syncs_skipped"] == 1
+    assert worker._needs_sync({**a, "index": 9, "endpoints": [{"x": 1}]}) is not None
+    worker._synced_at -= worker.config.resync_s  # the periodic pass is due: sync anyway
+    assert worker._needs_sync({**a, "index": 10}) is not None
+
+
+class SharedKernel:
+    """One FakeKernel used from two threads (the worker's kernel thread and its fast-path
+    thread), each call under one lock as the real kernel serialises netlink requests. With
+    ``hold`` set, the next base snapshot is taken and then held until ``release``: the full
+    pass is stuck with a snapshot that a fast-path delta can make stale meanwhile."""
+
+    def __init__(self) -> None:
+        self.fake = FakeKernel()
+        self._lock = threading.RLock()
+        self.hold = False
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def snapshot(self, netns=None):
+        with self._lock:
+            state = self.fake.snapshot(netns)
+        if netns is None and self.hold:
+            self.hold = False
+            self.held.set()
+            assert self.release.wait(30), "never released"
+        return state
+
+    def list_netns(self):
+        with self._lock:
+            return self.fake.list_netns()
+
+    def apply(self, ops) -> None:
+        with self._lock:
+            self.fake.apply(ops)
+
+
+async def test_fast_path_does_not_wait_for_a_full_pass_nor_get_undone_by_it(tmp_path) -> None:
+    k = SharedKernel()
+    w = Worker(
+        node_id="n1",
+        ssl_context=ssl.create_default_context(),
+        managers=["198.51.100.9:2377"],
+        vtep="198.51.100.1",
+        data_dir=tmp_path,
+        netns_prefix="p-",
+        kernel=k,  # type: ignore[arg-type]
+        fast_kernel=k,  # type: ignore[arg-type]
+        config=WorkerConfig(resync_s=0.0),  # every sync a full pass (no delta-only syncs)
+    )
+    w.supervisor = FakeSupervisor()  # type: ignore[assignment]
+    src = Source()
+    w.endpoints = src  # type: ignore[assignment]
+    try:
+        w.assignment = assignment()
+        await w.sync()
+        # A full sync starts from the read [.8] and is stuck right after its snapshot...
+        src.remotes_now = [r("a", "10.0.1.8")]
+        k.hold = True
+        full = asyncio.create_task(w.sync())
+        await wait_for(k.held.is_set)
+        # ...while gossip says .8 is gone and .9 is here: the delta goes in at once.
+        src.remotes_now = [r("a", "10.0.1.9")]
+        w.request_sync()
+        await wait_for(lambda: w.fastpath_applied == 1)
+        assert not full.done()
+        snap = k.snapshot(None)
+        assert fdb("10.0.1.9") in snap.fdb and neigh("10.0.1.9") in snap.neigh
+        k.release.set()
+        await full
+        # The full pass planned again: .8 (its own, older read) is not put back, .9 stays.
+        snap = k.snapshot(None)
+        assert {e for e in snap.fdb if e.dev == VX_A} == {fdb("10.0.1.9")}
+        assert {e for e in snap.neigh if e.dev == VX_A} == {neigh("10.0.1.9")}
+        assert w.guard.replans == 1 and w.fastpath_fallbacks == 0
+        assert w.guard.model is not None and w.guard.model.remotes == (r("a", "10.0.1.9"),)
+        before = len(k.fake.ops_applied)
+        await w.sync()
+        assert len(k.fake.ops_applied) == before  # converged: the next pass has nothing to do
+    finally:
+        k.release.set()
+        w._kx.shutdown(wait=True)
+        w._fx.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------- the owner's direct push

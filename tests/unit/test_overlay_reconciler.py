@@ -30,7 +30,7 @@ from swarmnet.overlay.plan import (
     plan,
     sandbox_name,
 )
-from swarmnet.overlay.reconciler import OverlayReconciler
+from swarmnet.overlay.reconciler import EntryGuard, OverlayReconciler, RemotesRead
 
 VTEP = "198.51.100.1"
 PREFIX = "sn-n1-"
@@ -252,3 +252,153 @@ def test_any_sequence_of_states_converges_in_one_pass(seq: list[NodeOverlay]) ->
         assert_matches_desired(k, n)
         assert r.reconcile(n) == []
     assert k.snapshot().links["foreign0"] == foreign
+
+
+# ---- the fast path racing a full pass (EntryGuard) ------------------------------------
+
+
+class RacingKernel(FakeKernel):
+    """Runs a one-shot callback at a chosen point of the next full pass: right after its
+    base snapshot was taken ("snapshot": the snapshot no longer describes the kernel) or
+    right after its first apply (the links before its FDB/neighbour tail, "head")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: str | None = None
+        self.race = lambda: None
+
+    def _fire(self, point: str) -> None:
+        if self.at == point:
+            self.at = None
+            self.race()
+
+    def snapshot(self, netns: str | None = None) -> KernelState:
+        state = super().snapshot(netns)
+        if netns is None:
+            self._fire("snapshot")
+        return state
+
+    def apply(self, ops: list[Op]) -> None:
+        super().apply(ops)
+        self._fire("head")
+
+
+def _guarded(
+    first: tuple[RemoteEndpoint, ...],
+) -> tuple[RacingKernel, EntryGuard, OverlayReconciler]:
+    k = RacingKernel()
+    guard = EntryGuard()
+    r = OverlayReconciler(k, guard)
+    guard.offer(RemotesRead(1, first))
+    r.reconcile(node((A1, A2, A3), first))
+    return k, guard, r
+
+
+def test_delta_after_the_full_pass_snapshot_is_not_undone() -> None:
+    """The full pass read [R1] and snapshotted; then the fast path moved R1 away and added
+    R2 (a newer read). Planning from its own read and snapshot, the full pass would re-add
+    R1's entries and delete R2's; it must plan again and leave the newer state."""
+    k, guard, r = _guarded(())
+    guard.offer(RemotesRead(2, (R1,)))
+    newer = RemotesRead(3, (R2,))
+
+    def race() -> None:
+        guard.offer(newer)
+        assert guard.fast_apply(k, newer) == (2, False)
+
+    k.at, k.race = "snapshot", race
+    r.reconcile(node((A1, A2, A3), (R1,)))
+    assert k.at is None and guard.replans == 1 and r.last_read is newer
+    assert_matches_desired(k, node((A1, A2, A3), (R2,)))
+    assert guard.model is not None and r._plan(guard.model) == []
+
+
+def test_an_older_delta_landing_during_the_pass_is_replanned() -> None:
+    """The fast path read [R2] before the sync read [R1], but its delta lands in the full
+    pass's snapshot window: the newest read is still the pass's own, yet its snapshot is
+    stale (R2's entries are not in it). Without a re-plan R2's entries would stay."""
+    k, guard, r = _guarded(())
+    older = RemotesRead(2, (R2,))
+    guard.offer(older)
+    guard.offer(RemotesRead(3, (R1,)))
+
+    def race() -> None:
+        assert guard.fast_apply(k, older) == (2, False)
+
+    k.at, k.race = "snapshot", race
+    r.reconcile(node((A1, A2, A3), (R1,)))
+    assert guard.replans == 1
+    assert_matches_desired(k, node((A1, A2, A3), (R1,)))
+    assert guard.model is not None and r._plan(guard.model) == []
+
+
+def test_a_failed_pass_leaves_the_fast_path_no_model() -> None:
+    """A pass that fails in its links (a VXLAN device may have gone with its entries) must
+    not leave a model the fast path would diff against: it falls back to a full pass."""
+    k = FlakyKernel(failures=0, fail_at=0)
+    guard = EntryGuard()
+    r = OverlayReconciler(k, guard)
+    guard.offer(RemotesRead(1, (R1,)))
+    r.reconcile(node((A1, A2, A3), (R1,)))
+    assert guard.model is not None
+    k.failures = 2  # both attempts of the next pass fail on their first link op
+    with pytest.raises(KernelError):
+        r.reconcile(node((A1,), (R1,)))
+    assert guard.model is None
+    assert guard.fast_apply(k, RemotesRead(2, (R2,))) == (0, True)
+
+
+def test_a_stale_read_after_the_full_pass_changes_nothing() -> None:
+    k, guard, r = _guarded(())
+    old = RemotesRead(2, (R1,))
+    guard.offer(old)
+    guard.offer(RemotesRead(3, (R2,)))
+    r.reconcile(node((A1, A2, A3), (R1,)))  # programs the newest read, not its own
+    assert guard.fast_apply(k, old) == (0, False)
+    assert_matches_desired(k, node((A1, A2, A3), (R2,)))
+
+
+def test_without_a_model_the_fast_path_asks_for_a_full_pass() -> None:
+    k = RacingKernel()
+    guard = EntryGuard()
+    assert guard.fast_apply(k, RemotesRead(1, (R1,))) == (0, True)
+    assert k.snapshot().fdb == set()
+
+
+_reads = st.lists(st.sampled_from(_rem_pool), unique=True).map(tuple)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=_reads,
+    own=_reads,
+    racing=st.lists(_reads, max_size=3),
+    after=st.lists(_reads, max_size=2),
+    at=st.sampled_from(["snapshot", "head", None]),
+)
+def test_full_pass_and_racing_deltas_end_at_the_newest_read(first, own, racing, after, at):
+    """Whatever reads race a full pass, and wherever: once every op has run the kernel holds
+    exactly the newest read's entries, and the shared model is what the kernel holds."""
+    k, guard, r = _guarded(first)
+    seq = iter(range(2, 100))
+    guard.offer(RemotesRead(next(seq), own))
+
+    def fast(remotes: tuple[RemoteEndpoint, ...]) -> None:
+        read = RemotesRead(next(seq), remotes)
+        guard.offer(read)
+        n, full = guard.fast_apply(k, read)  # a wrong model would raise here (EEXIST...)
+        assert not full
+
+    def race() -> None:
+        for remotes in racing:
+            fast(remotes)
+
+    k.at, k.race = at, race
+    r.reconcile(node((A1, A2, A3), own))
+    if at is None:
+        race()  # the same reads, after the pass
+    for remotes in after:
+        fast(remotes)
+    assert guard.latest is not None
+    assert_matches_desired(k, node((A1, A2, A3), guard.latest.remotes))
+    assert guard.model is not None and r._plan(guard.model) == []
