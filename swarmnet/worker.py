@@ -331,6 +331,11 @@ class Worker:
             st["pid"] = pid
         self._pending[task_id] = st
         self._flush_wake.set()
+        # Gossip withdraws a task whose process is not running at once (DNS, LBs and FDBs
+        # everywhere), without waiting for the managers to react to the report.
+        task_state = getattr(self.endpoints, "task_state", None)
+        if task_state is not None:
+            task_state(task_id, state)
 
     async def _flush_loop(self) -> None:
         while True:
