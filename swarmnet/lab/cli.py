@@ -61,8 +61,18 @@ def _vm():
 
 def _up(args: argparse.Namespace) -> int:
     if args.kind == "vm":
-        doc = _vm().up(args.name or "swarmnet", args.hosts or 2)
-        _print_table(_vm().status(doc["name"]))
+        name = args.name or "swarmnet"
+        if args.no_agents:
+            _vm().up(name, args.hosts or 2)
+        else:
+            # Agents in every guest and a swarm (h1 the manager), as the netns lab does.
+            from swarmnet.lab import vm_swarm
+
+            extra = ("--lb-backend", args.lb_backend) if args.lb_backend else ()
+            vm_swarm.up(name, vm_swarm.SwarmConfig(hosts=args.hosts or 3, agent_args=extra))
+        _print_table(_vm().status(name))
+        if not args.no_agents:
+            print(f"\ntry: swarmnet lab exec --kind vm --name {name} h1 -- swarmnet node ls")
         return 0
     cfg = LabConfig()
     if args.file:
@@ -128,6 +138,10 @@ def _exec(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if args.kind == "vm":
+        if argv and argv[0] == "swarmnet":  # the guest has no `swarmnet` on PATH, nor its API
+            from swarmnet.lab import vm_swarm
+
+            argv = [vm_swarm.PY, "-m", "swarmnet", "-H", vm_swarm.API, *argv[1:]]
         rc, out, err = _vm().exec_on(name or "swarmnet", args.host, argv)
         sys.stdout.write(out)
         sys.stderr.write(err)
@@ -177,6 +191,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cidr", help="underlay network (default 198.51.100.0/24)")
     p.add_argument("--mtu", type=int, help="underlay MTU (default 1500)")
     p.add_argument("--no-agents", action="store_true", help="build namespaces and underlay only")
+    p.add_argument(
+        "--lb-backend", choices=("auto", "ipvs", "nft"), help="agents' --lb-backend (vm kind)"
+    )
     p.set_defaults(func=_guard(_up))
 
     p = sub.add_parser("down", parents=[common], help="remove everything the lab made")

@@ -25,6 +25,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -336,6 +337,10 @@ def _qemu_pid(name: str, host: str) -> int | None:
 # ---------------------------------------------------------------- agent channel
 
 
+class AgentReset(LabError):
+    """The virtio-serial connection broke mid-call (a booting guest's console reset)."""
+
+
 def _call(name: str, host: str, req: dict, timeout_s: float) -> dict:
     """One request to the guest agent over its virtio-serial socket. One client at a time per
     VM (qemu's socket chardev accepts a single connection): a flock serialises callers."""
@@ -358,7 +363,10 @@ def _call(name: str, host: str, req: dict, timeout_s: float) -> dict:
                             f"{_tail(d / 'console.log')}"
                         ) from None
                     time.sleep(0.05)
-            s.sendall(json.dumps(req).encode() + b"\n")
+            try:
+                s.sendall(json.dumps(req).encode() + b"\n")
+            except OSError as e:  # qemu reset the chardev (seen while a guest boots)
+                raise AgentReset(f"{host}: agent connection reset ({e})") from None
             buf = b""
             while True:
                 s.settimeout(max(0.5, deadline - time.monotonic()))
@@ -366,6 +374,8 @@ def _call(name: str, host: str, req: dict, timeout_s: float) -> dict:
                     data = s.recv(65536)
                 except TimeoutError:
                     raise LabError(f"{host}: no answer from the agent in time") from None
+                except OSError as e:
+                    raise AgentReset(f"{host}: agent connection reset ({e})") from None
                 if not data:
                     raise LabError(f"{host}: agent connection closed (qemu gone?)")
                 buf += data
@@ -391,18 +401,41 @@ def exec_on(
     return int(resp["rc"]), resp.get("out", ""), resp.get("err", "")
 
 
+def spawn(name: str, host: str, command: str, log: str, prelude: str = "") -> int:
+    """Start shell ``command`` in the background in guest ``host`` and return its pid.
+
+    It runs in a session of its own (``setsid``): the guest agent kills the process group of
+    a command that times out, and a background job must outlive the call that started it.
+    Its output goes to ``log`` (a guest path), stdin is /dev/null, so ``exec_on`` returns at
+    once. ``prelude`` runs first, in the foreground (e.g. ``modprobe``). Stop it with
+    ``exec_on(..., ["kill", "-TERM", "--", f"-{pid}"])`` (the pid is its process group)."""
+    script = f"{prelude}\nsetsid sh -c {shlex.quote(command)} >{log} 2>&1 </dev/null &\necho $!"
+    rc, out, err = exec_on(name, host, ["sh", "-c", script], 120)
+    if rc != 0 or not out.strip().splitlines()[-1:] or not out.split()[-1].isdigit():
+        raise LabError(f"{host}: could not start {command!r}: rc={rc} {out.strip()} {err.strip()}")
+    return int(out.split()[-1])
+
+
 def _wait_ready(name: str, host: str, t0: float, cfg: VmConfig, out: dict) -> None:
-    try:
-        rc, _, err = exec_on(
-            name, host, ["sh", "-c", "until [ -e /run/vmlab.ready ]; do sleep 0.05; done"],
-            timeout_s=cfg.boot_timeout_s,
-        )  # fmt: skip
-        if rc == 0:
-            out[host] = time.monotonic() - t0
-            return
-        out[host] = LabError(f"{host}: {err.strip()}")
-    except LabError as e:
-        out[host] = e
+    deadline = t0 + cfg.boot_timeout_s
+    while True:
+        try:
+            rc, _, err = exec_on(
+                name, host, ["sh", "-c", "until [ -e /run/vmlab.ready ]; do sleep 0.05; done"],
+                timeout_s=max(1.0, deadline - time.monotonic()),
+            )  # fmt: skip
+            if rc == 0:
+                out[host] = time.monotonic() - t0
+                return
+            out[host] = LabError(f"{host}: {err.strip()}")
+        except AgentReset as e:  # transient while the guest brings its console up
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            out[host] = e
+        except LabError as e:
+            out[host] = e
+        break
     console = _tail(host_dir(name, host) / "console.log")
     out[host] = LabError(f"{out[host]}\nend of {host}'s console.log:\n{console}")
 
@@ -413,6 +446,11 @@ def _wait_ready(name: str, host: str, t0: float, cfg: VmConfig, out: dict) -> No
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise LabError("the vm lab needs root (network namespaces, taps)")
+
+
+def write_record(name: str, record: dict) -> None:
+    """Replace lab.json (e.g. swarmnet.lab.vm_swarm fills in ``api`` and ``role``)."""
+    _write_record(name, record)
 
 
 def _write_record(name: str, record: dict) -> None:
