@@ -87,6 +87,7 @@ class Bench:
         self.cfg = LabConfig(name=name, hosts=hosts)
         self.dir = netns.lab_dir(name)
         self.serf: dict[str, subprocess.Popen] = {}
+        self.measured: list[str] = []  # the endpoint keys propagation_ours timed
 
     # ---- helpers ----------------------------------------------------------------------
     def ip(self, h: str) -> str:
@@ -190,6 +191,7 @@ class Bench:
             self.cli("service", "scale", f"pb={hosts + i + 1}")
             self.wait(lambda b=before: self._published() > b, "the new task to be published")
             key, owner, t0 = self._last_published()
+            self.measured.append(key)
             others = [h for h in self.hosts if h != owner]
             t1s = self.wait(
                 lambda k=key, o=others: self._programmed(k, o), f"{key} programmed everywhere", 30
@@ -206,9 +208,9 @@ class Bench:
 
     def breakdown(self) -> list[str]:
         """Where propagation time goes, from the receiving hosts' logs: per measured endpoint
-        the LAST host's gossip part (owner's publish -> table event there) and local part
-        (table event -> kernel programmed), and the workers' fast-path and sync phase
-        timings over every host (a sync's "kernel" is a full pass or, when only remote
+        (the ones ``propagation_ours`` timed) the LAST host's gossip part (owner's publish
+        -> table event there) and local part (table event -> kernel programmed), and the
+        workers' fast-path and sync phase timings over every host (a sync's "kernel" is a full pass or, when only remote
         endpoints changed, their delta)."""
         pub: dict[str, float] = {}
         seen: dict[str, list[tuple[float, float]]] = {}
@@ -218,9 +220,12 @@ class Bench:
         for h in self.hosts:
             text = self.log(h)
             for key, t in self._PUB.findall(text):
-                pub[key] = float(t)
+                pub.setdefault(key, float(t))  # the first publish: the task's "up"
+            first: dict[str, tuple[float, float]] = {}
             for key, t_seen, t_done in self._SEEN.findall(text):
-                seen.setdefault(key, []).append((float(t_seen), float(t_done)))
+                first.setdefault(key, (float(t_seen), float(t_done)))  # see _programmed
+            for key, hit in first.items():
+                seen.setdefault(key, []).append(hit)
             bodies = [(b, fast) for b in self._FAST.findall(text)]
             for b, full in self._SYNC.findall(text):
                 bodies.append((b, sync))
@@ -232,8 +237,8 @@ class Bench:
         gossip, local = [], []
         for key, t0 in pub.items():
             hits = seen.get(key) or []
-            if len(hits) < len(self.hosts) - 1:
-                continue  # an initial endpoint, or not everywhere
+            if key not in self.measured or len(hits) < len(self.hosts) - 1:
+                continue  # an initial endpoint (published before its network was joined)
             t_seen, t_done = max(hits, key=lambda x: x[1])
             gossip.append(t_seen - t0)
             local.append(t_done - t_seen)
@@ -251,20 +256,24 @@ class Bench:
         return sum(len(self._PUB.findall(self.log(h))) for h in self.hosts)
 
     def _last_published(self) -> tuple[str, str, float]:
-        best = ("", "", 0.0)
+        """The newest key, its owner and its FIRST publish (an owner may publish a key
+        again, e.g. after withdrawing it: t0 is when the task first went up)."""
+        first: dict[str, tuple[str, float]] = {}
         for h in self.hosts:
             for key, t in self._PUB.findall(self.log(h)):
-                if float(t) > best[2]:
-                    best = (key, h, float(t))
-        return best
+                first.setdefault(key, (h, float(t)))
+        key, (h, t) = max(first.items(), key=lambda kv: kv[1][1])
+        return key, h, t
 
     def _programmed(self, key: str, hosts: list[str]) -> list[float] | None:
+        """Each host's FIRST programmed stamp of ``key`` (the one the first publish
+        caused; a later one would belong to a re-publish)."""
         out = []
         for h in hosts:
             done = [float(t) for k, t in self._PROG.findall(self.log(h)) if k == key]
             if not done:
                 return None
-            out.append(done[-1])
+            out.append(done[0])
         return out
 
     def propagation_serf(self, n: int) -> list[float]:

@@ -409,14 +409,16 @@ class GossipEndpoints:
         nets = assignment.get("networks") or {}
         return [{"network_id": nid, **ep} for nid, ep in self._remote_entries(nets)]
 
-    def programmed(self, upto: int | None = None) -> None:
+    def programmed(self, upto: int | None = None, at: float | None = None) -> None:
         """The worker reconciled the kernel with a ``remotes()`` read: log (with wall-clock
         stamps, for bench/gossip_lab.py) the remote entries now programmed. ``upto`` is the
         ``read_seq`` of that read: entries whose event came later are not in the kernel yet
-        and stay pending (None: all of them)."""
+        and stay pending (None: all of them). ``at``: when the kernel thread finished (wall
+        clock); None: now. The loop may reach this call tens of ms after the fact, and
+        that wait is not propagation."""
         if not self._unprogrammed:
             return
-        done = time.time()
+        done = time.time() if at is None else at
         for (nid, key), (seen, seq) in sorted(self._unprogrammed.items()):
             if upto is not None and seq > upto:
                 continue
@@ -428,10 +430,19 @@ class GossipEndpoints:
 
     def task_state(self, task_id: str, state: str) -> None:
         """The supervisor saw a local task change state. A task whose process is not running
-        (it exited and waits for its restart, or is starting or stopping) is withdrawn from
+        (it exited and waits for its restart, failed, or was shut down) is withdrawn from
         the tables now, so every node's DNS, load balancers and FDB drop it within one
         propagation round, with no manager in the path; it is published again when it runs.
-        Tasks never reported (adopted after an agent restart) count as running."""
+        Tasks never reported (adopted after an agent restart) count as running.
+
+        "starting" changes nothing: a task that exited stays withdrawn until it runs again,
+        and a new task, published with the assignment that created it, stays published
+        while its process starts (like Docker, whose endpoint exists before the container
+        runs). Withdrawing it there made every new task flap (published, deleted ~100 ms
+        later, published again) on every node's FDB, DNS and LBs, and cost two more
+        gossip broadcasts per task."""
+        if state == "starting":
+            return
         down = state != "running"
         if down == (task_id in self._down):
             return

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from swarmnet.dns.records import records_from_assignment
@@ -75,6 +76,14 @@ RERENDER_DELAY_S = 0.02
 """A gossip change waits this long before DNS and LB are rendered again, so that a burst (a
 node's death hides all its entries at once; a bulk sync brings hundreds) costs one render;
 the worker coalesces its own resyncs the same way (WorkerConfig.resync_min_s)."""
+INGRESS_RECHECK_S = 30.0
+"""The routing mesh's plumbing (``_program_ingress``: a snapshot of the host namespace, two
+sysctls, nftables) is checked when its inputs change, after every full kernel pass of the
+worker (which may have recreated the ingress sandbox, and its veth with it), and at least
+this often otherwise (the worker's own repair period, WorkerConfig.resync_s). Not on every
+pass: most passes only add or remove another node's endpoint, and the snapshot's parsing
+held the agent's interpreter lock for tens of ms on each of them (issue 5: the receiving
+agent's loop could not read gossip meanwhile)."""
 
 
 def _ip(addr: str) -> str:
@@ -113,6 +122,9 @@ class ServicesHook:
         self._dns_in: tuple[list[dict], list[dict]] | None = None
         self._lb_states: dict[str, LBState] = {}
         self._published: LBState | None = None
+        # When the ingress plumbing was last checked: (its inputs, the worker's full-pass
+        # count, monotonic time); None: never, or the check failed.
+        self._ingress_checked: tuple[tuple, int, float] | None = None
         self._render_lock = asyncio.Lock()
         self._rerender: asyncio.Task | None = None
         self._rerender_again = False
@@ -274,28 +286,60 @@ class ServicesHook:
             ],
             sorted(tasks.values(), key=lambda t: t["id"]),
         )
-        if full or dns_in != self._dns_in:  # (Records has no equality: compare its input)
+        # Only what changed is rendered, on worker passes too: the DNS table is a pure
+        # function of ``dns_in`` (Records has no equality: compare its input), and an LB
+        # backend's sync of the state it already holds is a no-op (SyncingBackend diffs
+        # against what it applied), so neither is worth a rebuild or a kernel-thread trip.
+        if dns_in != self._dns_in:
             self.dns.update(records_from_assignment(*dns_in))
             self._dns_in = dns_in
         by_service: dict[tuple[str, str], list[dict]] = {}
         for e in endpoints:
             by_service.setdefault((e["service_id"], e["network_id"]), []).append(e)
+        vip_states = _VipStates(services, by_service)
         for netns, tnets in list(self._sandboxes.items()):
-            state = _vip_state(services, by_service, set(tnets))
-            if not full and self._lb_states.get(netns) == state:
+            state = vip_states.for_networks(tnets)
+            if self._lb_states.get(netns) == state and netns in self._lbs:
                 continue
             self._lb_states.pop(netns, None)  # unknown until the sync returns
             if await worker.run_in_kernel_thread(self._sync_sandbox, netns, state, full):
                 self._lb_states[netns] = state
         if iid and iid in nets and (assignment.get("node") or {}).get("ingress_addr"):
             published = _published_state(assignment, by_service, worker.vtep)
-            if full:
+            if full and self._ingress_due(worker, assignment):
                 self._published = None
+                self._ingress_checked = None  # unknown until it returns
                 await worker.run_in_kernel_thread(self._program_ingress, worker, assignment)
+                self._ingress_checked = self._ingress_stamp(worker, assignment)
             if published != self._published and self._host_lb is not None:
                 self._published = None
                 await worker.run_in_kernel_thread(self._host_lb.sync, published)
                 self._published = published
+
+    def _ingress_stamp(self, worker: Worker, assignment: dict) -> tuple[tuple, int, float]:
+        iid = assignment["ingress_network_id"]
+        node = assignment.get("node") or {}
+        inputs = (
+            iid,
+            (assignment["networks"].get(iid) or {}).get("subnet"),
+            node.get("ingress_addr"),
+            self.sbox(worker),
+        )
+        reconciler = getattr(worker, "reconciler", None)
+        return inputs, getattr(reconciler, "passes", -1), time.monotonic()
+
+    def _ingress_due(self, worker: Worker, assignment: dict) -> bool:
+        """Whether a pass must check the routing mesh's plumbing (see INGRESS_RECHECK_S)."""
+        last = self._ingress_checked
+        if last is None or self._host_lb is None or self._sbox_nat is None:
+            return True
+        inputs, passes, _ = self._ingress_stamp(worker, assignment)
+        return (
+            inputs != last[0]
+            or passes != last[1]
+            or passes < 0
+            or time.monotonic() - last[2] >= INGRESS_RECHECK_S
+        )
 
     def _task_endpoints(self, worker: Worker, assignment: dict, running: list[dict]) -> list[dict]:
         """Every task endpoint that DNS and the LBs may use, in the managers' ``endpoints``
@@ -388,24 +432,44 @@ class ServicesHook:
             self._host_lb = NftBackend(config=NftConfig(table=INGRESS_TABLE))
 
 
-def _vip_state(
-    services: list[dict], by_service: dict[tuple[str, str], list[dict]], nets: set[str]
-) -> LBState:
-    """A sandbox's VIP table: every vip-mode service on a network it is attached to."""
-    out = []
-    for s in services:
-        if s["endpoint_mode"] != "vip":
-            continue
-        for nid, vip in s["vips"].items():
-            if nid not in nets:
-                continue
+class _VipStates:
+    """Every sandbox's VIP table for one render. Sandboxes on the same networks share one
+    table, and a service's backends on a network are built once per render, not once per
+    sandbox: building them (address validation in ``lb.plan``) was a visible part of each
+    pass's time on the loop with tens of tasks."""
+
+    def __init__(self, services: list[dict], by_service: dict[tuple[str, str], list[dict]]) -> None:
+        self._services = services
+        self._by_service = by_service
+        self._vips: dict[tuple[str, str], tuple[LBService, LBService]] = {}
+        self._states: dict[frozenset[str], LBState] = {}
+
+    def for_networks(self, nets: list[str]) -> LBState:
+        """A sandbox's VIP table: every vip-mode service on a network it is attached to."""
+        key = frozenset(nets)
+        state = self._states.get(key)
+        if state is None:
+            out = []
+            for s in self._services:
+                if s["endpoint_mode"] != "vip":
+                    continue
+                for nid, vip in s["vips"].items():
+                    if nid in key:
+                        out += self._vip(s, nid, vip)
+            state = self._states[key] = LBState(frozenset(out))
+        return state
+
+    def _vip(self, s: dict, nid: str, vip: str) -> tuple[LBService, LBService]:
+        got = self._vips.get((s["id"], nid))
+        if got is None:
             backends = tuple(
                 Backend(_ip(e["address"]), ALL_PORTS)
-                for e in sorted(by_service.get((s["id"], nid), []), key=_addr_key)
+                for e in sorted(self._by_service.get((s["id"], nid), []), key=_addr_key)
             )
-            for proto in ("tcp", "udp"):
-                out.append(LBService(_ip(vip), proto, ALL_PORTS, backends))
-    return LBState(frozenset(out))
+            got = self._vips[(s["id"], nid)] = tuple(  # type: ignore[assignment]
+                LBService(_ip(vip), proto, ALL_PORTS, backends) for proto in ("tcp", "udp")
+            )
+        return got  # type: ignore[return-value]
 
 
 def _published_state(

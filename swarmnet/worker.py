@@ -54,6 +54,11 @@ class WorkerConfig:
     resync_min_s: float = 0.02
 
 
+def _wall(t_mono: float) -> float:
+    """The wall-clock time of a past ``time.monotonic()`` stamp (for the gossip log)."""
+    return time.time() - (time.monotonic() - t_mono)
+
+
 class Worker:
     def __init__(
         self,
@@ -443,7 +448,7 @@ class Worker:
                 )
             if self.ipsec is not None:  # removals only now that VXLAN devices/FDB are gone
                 await self.ipsec.after_reconcile(self, assignment, running)
-            self._programmed(read.mark if read is not None else None)
+            self._programmed(read.mark if read is not None else None, _wall(t_kernel))
             for hook in self.hooks:
                 try:
                     await hook.after_reconcile(self, assignment, running)
@@ -479,11 +484,13 @@ class Worker:
             log.warning("overlay: delta-only sync failed (%s); doing a full pass", e)
             return 0, True
 
-    def _programmed(self, mark: int | None) -> None:
-        """Tell the endpoint source (gossip) which of its events are now in the kernel."""
+    def _programmed(self, mark: int | None, at: float | None = None) -> None:
+        """Tell the endpoint source (gossip) which of its events are now in the kernel, and
+        when they got there (``at``, wall clock: the stamp is the kernel thread's, not the
+        time the loop gets round to this call)."""
         programmed = getattr(self.endpoints, "programmed", None)
         if programmed is not None:
-            programmed(mark) if mark is not None else programmed()
+            programmed(mark, at=at) if mark is not None else programmed()
 
     def _read_remotes(self, remotes: tuple[RemoteEndpoint, ...]) -> RemotesRead:
         """Loop thread: stamp a read of the remotes and offer it to the guard, in read order
@@ -575,7 +582,7 @@ class Worker:
                 "(loop %.1f queue %.1f lock %.1f apply %.1f back %.1f ms)",
                 n, *ms,
             )  # fmt: skip
-        self._programmed(mark)
+        self._programmed(mark, _wall(stamps[-2]))  # when the apply ended, not now
 
     def _underlay(self) -> int:
         if self._underlay_mtu is None:

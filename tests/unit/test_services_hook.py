@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,6 +133,8 @@ class World:
             self.ingress_passes += 1
             if hook._host_lb is None:
                 hook._host_lb = FakeBackend()  # type: ignore[assignment]
+            if hook._sbox_nat is None:
+                hook._sbox_nat = FakeBackend()  # type: ignore[assignment]
 
         monkeypatch.setattr(ServicesHook, "_program_ingress", program_ingress)
         self.kernel = FakeKernel()
@@ -435,3 +438,108 @@ async def test_our_own_exited_task_leaves_our_dns_and_lb_without_a_worker_pass(w
         "t3 to come back", lambda: set(world.resolve("db")) == {world.ip("t3"), world.ip("t4")}
     )
     world.worker.sync = passes  # type: ignore[method-assign]
+
+
+async def test_a_pass_that_changes_nothing_renders_nothing(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 5: the hook ran its whole render on every worker pass (tens of ms, up to a
+    second, with the agent's loop unable to read gossip meanwhile). A pass whose inputs did
+    not change must not rebuild the DNS table nor send any LB sync to the kernel thread;
+    a changed input renders exactly what it changes."""
+    await world.sync()
+    world.publish_t2_t4()
+    await world.sync()
+    builds: list[int] = []
+    real_records = services_hook_module.records_from_assignment
+
+    def records(*a):  # noqa: ANN002, ANN202
+        builds.append(1)
+        return real_records(*a)
+
+    monkeypatch.setattr(services_hook_module, "records_from_assignment", records)
+    synced: list[str] = []
+    real_sync = world.hook._sync_sandbox
+
+    def sync_sandbox(netns, state, create):  # noqa: ANN001, ANN202
+        synced.append(netns)
+        return real_sync(netns, state, create)
+
+    world.hook._sync_sandbox = sync_sandbox  # type: ignore[method-assign]
+    await world.sync()
+    await world.sync()
+    assert builds == [] and synced == []
+    # A change: t2 leaves (n2 deleted it). One DNS build, and the VIP tables of the two
+    # sandboxes on "front" (web's VIP is there) are synced, once each.
+    world.hook.rerender_delay_s = 3600.0  # only the pass below may render it
+    world.node.remote("front", "t2", 10, None)
+    await world.sync()
+    assert len(builds) == 1
+    assert sorted(synced) == [sandbox_name("n1-", "t1"), sandbox_name("n1-", "t3")]
+    assert world.backends() == {world.ip("t1")}
+    assert world.resolve("tasks.web") == (world.ip("t1"),)
+
+
+async def test_ingress_plumbing_is_checked_on_change_and_after_full_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routing mesh's plumbing (a host snapshot, sysctls, nftables) is not redone on
+    every pass: only when its inputs changed, after a full kernel pass of the worker (it
+    may have recreated the ingress sandbox) and every INGRESS_RECHECK_S."""
+    w = World(tmp_path, monkeypatch, gossip=True)
+    try:
+        await w.sync()
+        assert w.ingress_passes == 1
+        w.worker._last_full = time.monotonic() + 3600.0
+        full_before = w.worker.reconciler.passes
+        await w.sync()
+        assert w.worker.reconciler.passes == full_before  # no full pass...
+        assert w.ingress_passes == 1  # ...and no ingress check
+        w.worker._last_full = float("-inf")  # the next pass is a full one
+        await w.sync()
+        assert w.worker.reconciler.passes == full_before + 1
+        assert w.ingress_passes == 2
+        monkeypatch.setattr(services_hook_module, "INGRESS_RECHECK_S", 0.0)
+        w.worker._last_full = time.monotonic() + 3600.0
+        await w.sync()
+        assert w.ingress_passes == 3  # the periodic re-check
+    finally:
+        await w.worker.close()
+
+
+def test_a_new_task_stays_published_while_it_starts() -> None:
+    """Issue 5: the supervisor reports "starting" before "running"; a new task published
+    with its assignment must not be withdrawn in between (it flapped on every node)."""
+    g = GossipEndpoints("n1", NODES["n1"])
+    node = NodeStub("n1", g._on_table)
+    g.node = node  # type: ignore[assignment]
+    seen: list = []
+    g.add_listener(seen.append)
+    t1 = {
+        "id": "t1",
+        "name": "web.1",
+        "service_name": "web",
+        "service_id": "web",
+        "desired_state": "running",
+        "spec": {"x": 1},
+        "networks": [{"network_id": "front", "address": "10.0.0.5/24"}],
+    }
+    g.remotes({"networks": {"front": {}}, "tasks": [t1]})
+    assert set(node.entries("front")) == {"t1"}
+    g.task_state("t1", "starting")
+    assert set(node.entries("front")) == {"t1"}
+    g.task_state("t1", "running")
+    assert set(node.entries("front")) == {"t1"}
+    assert seen == []  # nothing changed for the consumers either
+
+
+def test_programmed_logs_the_time_the_worker_gives(caplog: pytest.LogCaptureFixture) -> None:
+    g = GossipEndpoints("n1", NODES["n1"])
+    node = NodeStub("n1", g._on_table)
+    g.node = node  # type: ignore[assignment]
+    node.join_network("front")
+    node.remote("front", "t9", 1, endpoint_value("10.0.0.9", "web.9", "web", "web"))
+    caplog.set_level("INFO", logger="swarmnet.gossip_endpoints")
+    g.programmed(g._events, at=1234.5)
+    assert "programmed endpoint front/t9" in caplog.text
+    assert "done=1234.500000" in caplog.text
