@@ -292,6 +292,52 @@ def test_bad_input_names_the_field(lab: Lab, web: dict, ports, mode, field, stat
     assert e.value.status == status and field in e.value.message, e.value.message
 
 
+def test_a_task_whose_process_exits_leaves_dns_elsewhere_until_it_runs_again(
+    lab: Lab, web: dict
+) -> None:
+    """A crash-looping task (runs 3 s, exits 1; the supervisor restarts it after 0.5, 1,
+    2, 4... s): between runs its address is withdrawn by gossip, so another host's DNS stops
+    giving it, and gives it again when it runs. The task keeps its id: this is the node's
+    restart, not a manager rescheduling it."""
+    r = lab.cli(
+        "service", "create", "--name", "flaky", "--network", "front",
+        "--endpoint-mode", "dnsrr", "--",
+        "python3", "-c", "import sys,time; time.sleep(3); sys.exit(1)",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr + r.stdout
+    try:
+        flt = json.dumps({"service": {"flaky": True}})
+
+        def the_task() -> dict | None:
+            ts = [t for t in lab.api.get("/tasks", filters=flt) if t["DesiredState"] == "running"]
+            return ts[0] if len(ts) == 1 and ts[0]["NetworksAttachments"] else None
+
+        task = wait_for(the_task, "the flaky task")
+        ip = ips_of([task], web["front"]).pop()
+        hostname = {n["ID"]: n["Description"]["Hostname"] for n in lab.api.get("/nodes")}
+        flaky_host = hostname[task["NodeID"]]
+        observer = next(
+            t["Name"] for t in web["tasks"] if lab.task_pid(t["Name"])[0] != flaky_host
+        )
+        seen: list[bool] = []
+
+        def flapped() -> bool:
+            r = lab.in_task(observer, "dig", "+short", "+time=2", "tasks.flaky")
+            if r.returncode != 0 or ";;" in r.stdout:
+                return False  # no answer: neither present nor absent
+            present = ip in r.stdout.split()
+            if not seen or seen[-1] != present:
+                seen.append(present)
+            return seen[:3] == [True, False, True] or seen[1:4] == [True, False, True]
+
+        wait_for(flapped, f"tasks.flaky to drop {ip} between runs and give it again")
+        (again,) = [t for t in lab.api.get("/tasks", filters=flt) if t["DesiredState"] == "running"]
+        assert again["ID"] == task["ID"]
+    finally:
+        r = lab.cli("service", "rm", "flaky")
+        assert r.returncode == 0, r.stderr
+
+
 def test_scale_down_and_host_stop_leave_dns_and_lb(lab: Lab, web: dict) -> None:
     r = lab.cli("service", "scale", "web=3")
     assert r.returncode == 0, r.stderr
