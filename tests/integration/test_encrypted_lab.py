@@ -10,8 +10,6 @@ on fakes, tests/integration/test_ipsec_vm.py and test_encrypted_vm.py in VMs.)
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
 import time
@@ -19,10 +17,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import netns_lab
 
 from swarmnet.ipsec import kernel_supports_esp
 from swarmnet.lab import netns
-from swarmnet.lab.netns import LabConfig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -79,17 +77,10 @@ def xfrm_states(lab: str, host: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
     if kernel_supports_esp():
         pytest.skip("this kernel has ESP: the refusal path cannot be shown here")
-    name = f"t{secrets.token_hex(4)}"
-    try:
-        netns.up(LabConfig(name=name, hosts=len(HOSTS)))
+    with netns_lab("t", hosts=len(HOSTS)) as name:
         yield name
-    finally:
-        netns.down(name)
-        assert netns.lab_namespaces(name) == []
 
 
 def test_encrypted_network_refused_per_task_with_the_esp_error(lab: str) -> None:

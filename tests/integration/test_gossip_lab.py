@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -19,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import netns_lab
 from test_slice import WEB, Lab, assert_lab_gone, wait_empty, wait_for
 
 from swarmnet.api.client import Client
 from swarmnet.lab import netns
-from swarmnet.lab.netns import LabConfig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -54,15 +53,9 @@ VNI: dict[str, int] = {}
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
-    name = f"g{secrets.token_hex(4)}"
-    try:
-        netns.up(LabConfig(name=name, hosts=3))
+    with netns_lab("g", hosts=3) as name:
         yield Lab(name)
-    finally:
-        netns.down(name)
-        assert_lab_gone(name)
+    assert_lab_gone(name)
 
 
 @pytest.fixture(scope="module")

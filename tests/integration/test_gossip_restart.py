@@ -15,18 +15,17 @@ a shared machine is no assertion.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import netns_lab
 from test_slice import WEB, Lab, assert_lab_gone, wait_for
 
 from swarmnet.api.client import Client
 from swarmnet.lab import netns
-from swarmnet.lab.netns import LabConfig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -35,15 +34,9 @@ RESTARTS = 2  # the same restart twice: a second life must be answered as well a
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
-    name = f"r{secrets.token_hex(4)}"
-    try:
-        netns.up(LabConfig(name=name, hosts=3))
+    with netns_lab("r", hosts=3) as name:
         yield Lab(name)
-    finally:
-        netns.down(name)
-        assert_lab_gone(name)
+    assert_lab_gone(name)
 
 
 def gossip(lab: Lab, host: str) -> dict:

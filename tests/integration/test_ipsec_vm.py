@@ -9,7 +9,6 @@ kernel package cannot be installed."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import signal
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import vm_lab_name
 
 from swarmnet.ipsec import rotation as r
 from swarmnet.ipsec.keys import Key, KeySet
@@ -66,13 +66,7 @@ def program(lab: str, host: str, keyset: KeySet | None, apply: bool = True) -> d
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("the vm lab needs root")
-    try:
-        vm.ensure_artefacts()
-    except vm.ToolsUnavailable as e:
-        pytest.skip(f"qemu or the Debian kernel package cannot be installed here: {e}")
-    name = "sntest_" + secrets.token_hex(4)
+    name = vm_lab_name()
     try:
         vm.up(name, 2)
         sh(name, "h1", setup_script(H1, H2, O1, P1))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import vm_lab_name
 
 SCENARIO = Path(__file__).with_name("test_lb_nft.py")
 sys.path.insert(0, str(SCENARIO.parent))
@@ -255,13 +255,7 @@ def auto_check(seen: dict, expect: str) -> None:
 def lab() -> Iterator[dict]:
     from swarmnet.lab import vm
 
-    if os.geteuid() != 0:
-        pytest.skip("the vm lab needs root (network namespaces, taps)")
-    try:
-        vm.ensure_artefacts()
-    except vm.ToolsUnavailable as e:
-        pytest.skip(f"qemu or the Debian kernel package cannot be installed here: {e}")
-    name = "sntest_" + secrets.token_hex(4)
+    name = vm_lab_name()
     try:
         lab = vm.up(name, 1)
         rc, out, err = vm.exec_on(name, "h1", ["modprobe", "-a", "ip_vs", "ip_vs_rr", "veth"])

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import netns_lab
 
 from swarmnet.api.client import APIError, Client
 from swarmnet.lab import netns
@@ -78,14 +79,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
-    name = f"m{secrets.token_hex(4)}"
-    try:
-        netns.up(LabConfig(name=name, hosts=5, managers=3))
+    with netns_lab("m", hosts=5, managers=3) as name:
         yield Lab(name, 3)
-    finally:
-        netns.down(name)
 
 
 class Stream:

@@ -19,16 +19,13 @@ test_services_lb.py, imported rather than copied; this module has its own lab.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
+from conftest import netns_lab
 from test_services_lb import HOSTS, SERVER, Lab, wait_for
 
 from swarmnet.api.client import APIError
-from swarmnet.lab import netns
-from swarmnet.lab.netns import LabConfig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -41,14 +38,8 @@ NO_ANSWER = (7, 28)
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
-    name = f"t{secrets.token_hex(4)}"
-    try:
-        netns.up(LabConfig(name=name, hosts=3))
+    with netns_lab("t", hosts=3) as name:
         yield Lab(name)
-    finally:
-        netns.down(name)
 
 
 def client_for(target: str) -> str:

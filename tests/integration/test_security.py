@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import netns_lab
 
 from swarmnet.api.client import APIError, Client
 from swarmnet.lab import netns
@@ -119,14 +119,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
-    name = f"s{secrets.token_hex(4)}"
-    try:
-        netns.up(LabConfig(name=name, hosts=3))
+    with netns_lab("s", hosts=3) as name:
         yield Lab(name)
-    finally:
-        netns.down(name)
 
 
 def test_files_are_private(lab: Lab):

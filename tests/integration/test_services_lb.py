@@ -9,8 +9,6 @@ with generous timeouts; nothing sleeps to assert.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import netns_lab
 
 from swarmnet.api.client import APIError, Client
 from swarmnet.lab import netns
@@ -117,14 +116,8 @@ def ips_of(tasks: list[dict], network_id: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
-    name = f"t{secrets.token_hex(4)}"
-    try:
-        netns.up(LabConfig(name=name, hosts=3))
+    with netns_lab("t", hosts=3) as name:
         yield Lab(name)
-    finally:
-        netns.down(name)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import json
 import os
 import queue
 import re
-import secrets
 import shlex
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import netns_lab
 
 from swarmnet.api.client import APIError, Client
 from swarmnet.lab import netns
@@ -308,15 +308,9 @@ def assert_lab_gone(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the netns lab needs root")
-    name = f"t{secrets.token_hex(4)}"  # letters and digits only: no '-' in lab names
-    try:
-        netns.up(LabConfig(name=name, hosts=3))
+    with netns_lab("t", hosts=3) as name:
         yield Lab(name)
-    finally:
-        netns.down(name)  # idempotent: the last test may have done it already
-        assert_lab_gone(name)
+    assert_lab_gone(name)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ Skips only without root or when qemu or the kernel package cannot be installed.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import secrets
 import signal
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import vm_lab_name
 
 from swarmnet.lab import vm
 from swarmnet.lab import vm_swarm as S
@@ -58,13 +58,7 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Swarm]:
-    if os.geteuid() != 0:
-        pytest.skip("the vm lab needs root")
-    try:
-        vm.ensure_artefacts()
-    except vm.ToolsUnavailable as e:
-        pytest.skip(f"qemu or the Debian kernel package cannot be installed here: {e}")
-    name = "sntest_" + secrets.token_hex(4)
+    name = vm_lab_name()
     args = _lb_args()
     t0 = time.monotonic()
     try:

@@ -9,7 +9,6 @@ root; any other failure is a failure.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import vm_lab_name
 
 from swarmnet.lab import vm
 from swarmnet.lab import vm_initramfs as build
@@ -30,13 +30,7 @@ KEY_BA = "0x" + "22" * 20
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[dict]:
-    if os.geteuid() != 0:
-        pytest.skip("the vm lab needs root (network namespaces, taps)")
-    try:
-        vm.ensure_artefacts()
-    except vm.ToolsUnavailable as e:
-        pytest.skip(f"qemu or the Debian kernel package cannot be installed here: {e}")
-    name = "sntest_" + secrets.token_hex(4)
+    name = vm_lab_name()
     try:
         yield vm.up(name, 2)
     finally:
