@@ -15,7 +15,6 @@ import functools
 import ipaddress
 import json
 import re
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stubs import StubWorker, free_port
 
 import swarmnet.agent as agent_mod
 import swarmnet.manager as manager_mod
@@ -35,33 +35,6 @@ from swarmnet.manager import Manager, ManagerConfig
 from swarmnet.raft.store import RaftConfig
 
 POLL_TIMEOUT_S = 30.0  # generous: a loaded CI machine may take a while to schedule
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class StubWorker:
-    """Stands in for swarmnet.worker.Worker: runs nothing and reports nothing."""
-
-    class _Supervisor:
-        def tasks(self) -> list:
-            return []
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
-        self.supervisor = self._Supervisor()
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def local_tasks(self) -> list:
-        return []
 
 
 class Harness:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from stubs import StubWorker, free_port
 
 import swarmnet.agent as agent_mod
 import swarmnet.manager as manager_mod
@@ -26,28 +26,6 @@ from swarmnet.manager import Manager, ManagerConfig
 from swarmnet.raft.store import RaftConfig
 
 TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class StubWorker:
-    class _Supervisor:
-        def tasks(self) -> list:
-            return []
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.supervisor = self._Supervisor()
-        self.assignment = None
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 class Node:

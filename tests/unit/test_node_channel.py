@@ -5,13 +5,12 @@ Join by token, renewal, token rotation, and revocation of a keep-alive connectio
 from __future__ import annotations
 
 import functools
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
+from stubs import StubWorker, free_port
 
 import swarmnet.agent as agent_mod
 import swarmnet.manager as manager_mod
@@ -20,28 +19,6 @@ from swarmnet.agent import Agent, AgentOptions
 from swarmnet.kernel.fake import FakeKernel
 from swarmnet.manager import Manager, ManagerConfig
 from swarmnet.raft.store import RaftConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class StubWorker:
-    class _Supervisor:
-        def tasks(self) -> list:
-            return []
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.supervisor = self._Supervisor()
-        self.assignment = None
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 @pytest.fixture
