@@ -297,49 +297,6 @@ class Agent:
         self.identity["gossip"] = dict(record)
         write_atomic(self._identity_path, json.dumps(self.identity).encode())
 
-    def gossip_status(self) -> dict:
-        g = self.gossip
-        node = g.node if g is not None else None
-        if node is None:
-            return {"running": False}
-        return {
-            "running": True,
-            "name": node.name,
-            "address": f"{node.address[0]}:{node.address[1]}",
-            "members": [
-                {"name": m.name, "addr": f"{m.address[0]}:{m.address[1]}", "state": m.state.name}
-                for m in node.members(include_dead=True)
-            ],
-            "networks": {nid: len(node.entries(nid)) for nid in sorted(node.networks())},
-            "keys": len(node.keyring.keys),
-            "metrics": node.metrics(),
-        }
-
-    async def metrics(self) -> dict:
-        """Counters of every part of this node, for ``GET /swarmnet/metrics`` (JSON) and
-        ``GET /metrics`` (Prometheus text). The XFRM counters are read from the kernel now
-        (on the worker's kernel thread), not from the last sync's snapshot, so that a burst
-        of tampered packets shows at once."""
-        out: dict[str, dict] = {}
-        g = self.gossip
-        if g is not None:
-            out["gossip"] = dict(g.metrics())
-        w = self.worker
-        if w is not None and hasattr(w, "hooks"):
-            out["worker"] = {"fastpath_fallbacks": int(getattr(w, "fastpath_fallbacks", 0))}
-            for h in w.hooks:
-                dns = getattr(h, "dns", None)
-                if dns is not None:
-                    out["dns"] = dns.counters.as_dict()
-            hook = getattr(w, "ipsec", None)
-            if hook is not None:
-                try:
-                    out["ipsec"] = await w.run_in_kernel_thread(hook.fresh_metrics)
-                except Exception as e:  # metrics must not fail because XFRM is unreadable
-                    log.warning("metrics: xfrm counters unreadable: %s", e)
-                    out["ipsec"] = hook.metrics()
-        return out
-
     # ---- certificates ---------------------------------------------------------------
 
     def cert_role(self) -> str | None:
@@ -705,42 +662,6 @@ class Agent:
         if self.identity is None:
             return "inactive"
         return f"active/{self.identity['role']}"
-
-    def info(self) -> dict:
-        ident = self.identity
-        swarm: dict = {
-            "NodeID": ident["node_id"] if ident else "",
-            "NodeAddr": self.opts.advertise_addr,
-            "LocalNodeState": "active" if ident else "inactive",
-            "ControlAvailable": bool(ident and ident["role"] == "manager"),
-            "Error": "",
-            "RemoteManagers": [
-                {"NodeID": "", "Addr": m} for m in (ident or {}).get("managers", [])
-            ],
-        }
-        if self.manager is not None and self.manager.store is not None:
-            st = self.manager.store.read(
-                lambda s: (
-                    len(s.nodes),
-                    sum(1 for n in s.nodes.values() if n["role"] == "manager"),
-                    s.cluster,
-                )
-            )
-            swarm["Nodes"], swarm["Managers"] = st[0], st[1]
-            if st[2] is not None:
-                swarm["Cluster"] = {"ID": st[2]["id"], "Version": {"Index": st[2]["version"]}}
-        running = len(self.worker.supervisor.tasks()) if self.worker else 0
-        return {
-            "ID": ident["node_id"] if ident else "",
-            "Name": self.opts.hostname,
-            "ServerVersion": D.ENGINE_VERSION,
-            "OperatingSystem": "linux",
-            "OSType": "linux",
-            "Architecture": "x86_64",
-            "Containers": running,
-            "ContainersRunning": running,
-            "Swarm": swarm,
-        }
 
 
 _fork_hook_registered = False

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from swarmnet import agent_report as report
 from swarmnet.api import docker as D
 from swarmnet.pki import new_secret
 from swarmnet.raft.state import ClusterState, CommandError
@@ -155,7 +156,7 @@ class API:
         )
 
     async def info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.agent.info())
+        return web.json_response(report.info(self.agent))
 
     # ---- swarm ------------------------------------------------------------------------
 
@@ -445,12 +446,12 @@ class API:
 
     async def metrics_json(self, request: web.Request) -> web.Response:
         """This node's counters (gossip drops per reason, DNS outcomes, XFRM errors...)."""
-        return web.json_response(await self.agent.metrics())
+        return web.json_response(await report.metrics(self.agent))
 
     async def metrics_prometheus(self, request: web.Request) -> web.Response:
         """The same counters in the Prometheus text format (what a scraper expects)."""
         lines: list[str] = []
-        for section, values in sorted((await self.agent.metrics()).items()):
+        for section, values in sorted((await report.metrics(self.agent)).items()):
             for name, value in sorted(values.items()):
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     continue
@@ -462,7 +463,7 @@ class API:
 
     async def gossip_status(self, request: web.Request) -> web.Response:
         """This node's gossip view: members, networks, drop counters."""
-        return web.json_response(self.agent.gossip_status())
+        return web.json_response(report.gossip_status(self.agent))
 
 
 def prom_name(name: str) -> str:
