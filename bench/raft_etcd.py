@@ -22,7 +22,7 @@ Goals: sequential >= 0.8x etcd, pipelined >= 1x etcd, failover median <= etcd's.
 Only processes this script started are signalled; its temporary directories are removed.
 
     apt-get install -y etcd-server etcd-client     # if missing (Debian bookworm: 3.4.23)
-    .venv/bin/python bench/raft_etcd.py [--rounds 3] [--kills 10] [--json out.json]
+    .venv/bin/python bench/raft_etcd.py [--rounds 3] [--kills 10] [--json out.json] [--baseline]
 """
 
 from __future__ import annotations
@@ -294,6 +294,11 @@ def main() -> int:
         action="store_true",
         help="experiment: O(1) network_by_name in our nodes (bench/raft_node.py)",
     )
+    ap.add_argument(
+        "--baseline",
+        action="store_true",
+        help="our nodes without the 26-11 14:10 changes (no AppendEntries hold or merging)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if shutil.which("etcd") is None:
@@ -301,7 +306,9 @@ def main() -> int:
         return 2
     version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout
     print(version.splitlines()[0] if version else "etcd ?", flush=True)
-    extra = ("--name-index",) if args.name_index else ()
+    extra: tuple[str, ...] = ("--name-index",) if args.name_index else ()
+    if args.baseline:
+        extra += ("--ae-hold-us", "0", "--no-coalesce")
     rounds = [throughput_round(r, args, extra) for r in range(args.rounds)]
     res: dict[str, Any] = {"rounds": rounds}
     if args.kills:

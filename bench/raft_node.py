@@ -11,6 +11,9 @@ ClusterState.apply on the same commands, so the two differ only in our layer. A 
 - ``POST /write``            {"name": N}: create network N (raw: increment); 200 = acknowledged
 - ``POST /bench``            {"n": N, "window": W, "prefix": P}: N pipelined writes, W outstanding,
   issued from inside this process (how a manager issues them); returns the elapsed time
+- ``GET  /trace``            with ``--trace`` only: the per-step timestamps recorded since the
+  last call (submit, journal add, sync, sends, receives, commit, callback, resolved), from
+  which docs/raft.md's latency breakdown of one write was computed
 """
 
 from __future__ import annotations
@@ -104,6 +107,102 @@ def index_network_names() -> None:
     ClusterState._cmd_create_network = create_network  # type: ignore[method-assign]
 
 
+TRACE: list[tuple[float, str, Any]] = []
+
+
+def install_trace() -> None:
+    """Instrumentation (``--trace``, off by default): timestamps (perf_counter = CLOCK_MONOTONIC,
+    comparable across the node processes) of each step of a write, read by GET /trace."""
+    from pysyncobj import tcp_connection, transport
+    from pysyncobj.syncobj import SyncObj
+
+    from swarmnet.raft import journal as jr
+    from swarmnet.raft import store as st
+
+    now = time.perf_counter
+    ev = TRACE.append
+
+    def wrap(cls: Any, name: str, before: Any = None, after: Any = None) -> None:
+        orig = getattr(cls, name)
+
+        def f(self: Any, *a: Any, **k: Any) -> Any:
+            if before:
+                before(self, *a)
+            r = orig(self, *a, **k)
+            if after:
+                after(self, r, *a)
+            return r
+
+        setattr(cls, name, f)
+
+    wrap(jr.DurableJournal, "add", after=lambda s, r, c, i, t: ev((now(), "add", i)))
+    orig_sync = jr.DurableJournal.sync
+
+    def sync(self: Any) -> bool:
+        t0 = now()
+        r = orig_sync(self)
+        if r:
+            ev((t0, "sync0", None))
+            ev((now(), "sync1", None))
+        return r
+
+    jr.DurableJournal.sync = sync  # type: ignore[method-assign]
+    wrap(
+        jr.DurableJournal,
+        "setRaftCommitIndex",
+        after=lambda s, r, i: ev((now(), "commit", i)),
+    )
+
+    def before_send(self: Any, msg: Any) -> None:
+        ev((now(), "enc0", None))
+
+    def after_send(self: Any, r: Any, msg: Any) -> None:
+        m = msg[1] if isinstance(msg, tuple) else msg
+        if isinstance(m, dict):
+            ev((now(), "sent", m.get("type")))
+
+    wrap(tcp_connection.TcpConnection, "send", before_send, after_send)
+    wrap(
+        transport.TCPTransport,
+        "_onMessageReceived",
+        before=lambda s, n, m: ev((now(), "recv", m.get("type") if isinstance(m, dict) else "?")),
+    )
+    from pysyncobj import poller as pl
+
+    wrap(
+        pl.SelectPoller,
+        "poll",
+        before=lambda s, *a: ev((now(), "poll0", None)),
+        after=lambda s, r, *a: ev((now(), "poll1", None)),
+    )
+    if hasattr(pl, "PollPoller"):
+        wrap(
+            pl.PollPoller,
+            "poll",
+            before=lambda s, *a: ev((now(), "poll0", None)),
+            after=lambda s, r, *a: ev((now(), "poll1", None)),
+        )
+    wrap(SyncObj, "_onTick", before=lambda s, *a: ev((now(), "tick", None)))
+    wrap(SyncObj, "_applyCommand", before=lambda s, *a: ev((now(), "queued", None)))
+    wrap(
+        st._Replica,
+        "apply_command",
+        before=lambda s, *a, **k: ev((now(), "apply", None)) if "callback" not in k else None,
+    )
+    orig_fc = st.Store._future_callback
+
+    def future_callback(self: Any) -> Any:
+        fut, done = orig_fc(self)
+
+        def d(res: Any, err: int) -> None:
+            ev((now(), "cb", None))
+            done(res, err)
+
+        return fut, d
+
+    st.Store._future_callback = future_callback  # type: ignore[method-assign]
+
+
 class RawNode:
     """pysyncobj's own ReplCounter (``--mode raw``) or the bare state consumer above
     (``--mode raw-state``), same conf as the Store, a future bridge with one
@@ -163,7 +262,21 @@ async def main() -> None:
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--compact", type=int, default=5000, help="logCompactionMinEntries")
     ap.add_argument("--name-index", action="store_true", help="experiment: see index_network_names")
+    ap.add_argument("--trace", action="store_true", help="record per-step timestamps (GET /trace)")
+    ap.add_argument(
+        "--ae-hold-us",
+        type=float,
+        default=RaftConfig.idle_append_entries_hold_s * 1e6,
+        help="RaftConfig.idle_append_entries_hold_s in us (0: pysyncobj's behaviour)",
+    )
+    ap.add_argument(
+        "--no-coalesce",
+        action="store_true",
+        help="RaftConfig.coalesce_append_entries=False (pysyncobj's one message per command)",
+    )
     args = ap.parse_args()
+    if args.trace:
+        install_trace()
     if args.name_index:
         index_network_names()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
@@ -181,6 +294,8 @@ async def main() -> None:
                 raft_port=int(args.self_addr.rsplit(":", 1)[1]),
                 fsync=not args.no_fsync,
                 log_compaction_min_entries=args.compact,
+                idle_append_entries_hold_s=args.ae_hold_us / 1e6,
+                coalesce_append_entries=not args.no_coalesce,
             ),
         )
     else:
@@ -190,6 +305,11 @@ async def main() -> None:
 
     async def write(name: str) -> Any:
         if store is not None:
+            if args.trace:
+                TRACE.append((time.perf_counter(), "submit", name))
+                r = await store.submit(network_cmd(name))
+                TRACE.append((time.perf_counter(), "resolved", name))
+                return r
             return await store.submit(network_cmd(name))
         assert raw is not None
         return await raw.write(network_cmd(name))
@@ -278,6 +398,13 @@ async def main() -> None:
     app.router.add_post("/init", h_init)
     app.router.add_post("/write", h_write)
     app.router.add_post("/bench", h_bench)
+
+    async def h_trace(request: web.Request) -> web.Response:
+        out = list(TRACE)
+        TRACE.clear()
+        return web.json_response(out)
+
+    app.router.add_get("/trace", h_trace)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.ctl).start()

@@ -33,6 +33,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -287,12 +288,32 @@ class GroupCommitTransport(TCPTransport):
       leader toward commit.
 
     An ack is not held when nothing is waiting for a sync: the journal holds no unsynced
-    change (all it acknowledges is on disk already), or fsync is off (benchmark only)."""
+    change (all it acknowledges is on disk already), or fsync is off (benchmark only).
+
+    The leader also holds entry-less AppendEntries for up to ``idle_ae_hold_s`` (PATCH
+    POINT 8, ``_hold_idle_append_entries``); 0 sends them at once, as pysyncobj does."""
+
+    # Long enough to cover the loop's round trip to the next command one write at a time
+    # (about 0.3 ms here), short against heartbeats. Store sets it from RaftConfig.
+    idle_ae_hold_s: float = 0.001
+    # PATCH POINT 9: merge the AppendEntries built in one tick (Store sets it from
+    # RaftConfig); at most about pysyncobj's appendEntriesBatchSizeBytes of commands each.
+    coalesce_ae: bool = True
+    coalesce_max_bytes: int = 2**16
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any):  # noqa: N803
         # The journal and the poller are created in SyncObj.__init__ before the transport.
         self._journal = syncObj._SyncObj__raftLog
         self._held: list[tuple[Any, dict]] = []
+        # PATCH POINT 8: entry-less AppendEntries held per node (see ``send``), the time by
+        # which they must leave, and per node the highest log index this leader told it
+        # about in an ``apply_command_response`` (a write it forwarded and waits for).
+        self._idle_ae: dict[Any, dict] = {}
+        self._idle_ae_deadline = 0.0
+        self._forwarded: dict[Any, int] = {}
+        # PATCH POINT 9: per node, the AppendEntries with entries built this tick, merged.
+        self._pending_ae: dict[Any, tuple[dict, int]] = {}
+        self._owner = weakref.ref(syncObj)  # its command queue exists only after us
         super().__init__(syncObj, selfNode, otherNodes)
         syncObj.addOnTickCallback(self.group_commit)
         poller = getattr(syncObj, "_poller", None)
@@ -300,8 +321,12 @@ class GroupCommitTransport(TCPTransport):
             poll = poller.poll
 
             def poll_then_commit(timeout: float) -> None:
+                if self._idle_ae:  # wake up in time to send the held ones
+                    timeout = max(0.0, min(timeout, self._idle_ae_deadline - time.monotonic()))
                 poll(timeout)
                 self.group_commit()
+                if self._idle_ae and time.monotonic() >= self._idle_ae_deadline:
+                    self.flush_idle_append_entries()
 
             poller.poll = poll_then_commit
 
@@ -312,16 +337,136 @@ class GroupCommitTransport(TCPTransport):
         return bool(getattr(j, "_fsync", True)) and bool(getattr(j, "_dirty", True))
 
     def send(self, node: Any, message: Any) -> bool:
-        if (
-            isinstance(message, dict)
-            and message.get("type") == "next_node_idx"
-            and (self._held or self._must_hold())
-        ):
+        if not isinstance(message, dict):
+            return super().send(node, message)
+        kind = message.get("type")
+        if kind == "next_node_idx" and (self._held or self._must_hold()):
             self._held.append((node, message))  # behind earlier held ones: order kept
             return True
+        if kind == "append_entries":
+            if self.coalesce_ae and self._coalesce(node, message):
+                return True
+            if self.idle_ae_hold_s > 0 and self._hold_idle_append_entries(node, message):
+                return True
+        else:
+            self._send_pending(node)  # whatever was built before it leaves before it
+            if kind == "apply_command_response" and "log_idx" in message:
+                self._forwarded[node] = max(self._forwarded.get(node, 0), message["log_idx"])
         return super().send(node, message)
 
+    def _coalesce(self, node: Any, message: dict) -> bool:
+        """PATCH POINT 9 (syncobj.py SyncObj._checkCommandsToApply -> __sendAppendEntries
+        after EVERY command with ``appendEntriesUseBatch=False``): k commands appended in
+        one tick made k AppendEntries per follower, each with one entry, and k answers from
+        each. The leader now keeps the AppendEntries built during the tick and merges each
+        one that continues the previous (same term, its prevLogIdx/prevLogTerm = the last
+        entry held) into one message: the entries in order, the newest commit index. That
+        is exactly what the follower would have done with the k messages in a row.
+        They leave as soon as pysyncobj's command queue is empty (the tick's last command
+        is appended: one write at a time, at once), at the latest in ``group_commit``
+        BEFORE the leader's own msync, so replication still overlaps the leader's sync (and
+        never waits for a compaction). True if kept or sent here.
+
+        An entry-less one is folded in (its commit index), snapshot chunks and anything
+        else go out at once, after what was kept for that node (order per node kept)."""
+        if "serialized" in message or "transmission" in message or "entries" not in message:
+            self._send_pending(node)
+            self._idle_ae.pop(node, None)  # older: must not arrive after a snapshot chunk
+            return False
+        held = self._pending_ae.get(node)
+        entries = message["entries"]
+        if not entries:
+            if held is None or held[0]["term"] != message["term"]:
+                return False
+            held[0]["commit_index"] = max(held[0]["commit_index"], message["commit_index"])
+            return True
+        size = sum(len(e[0]) for e in entries)
+        if held is not None:
+            last = held[0]["entries"][-1]
+            if (
+                held[0]["term"] == message["term"]
+                and message.get("prevLogIdx") == last[1]
+                and message.get("prevLogTerm") == last[2]
+                and held[1] + size <= self.coalesce_max_bytes
+            ):
+                held[0]["entries"] = held[0]["entries"] + list(entries)
+                held[0]["commit_index"] = max(held[0]["commit_index"], message["commit_index"])
+                self._pending_ae[node] = (held[0], held[1] + size)
+                if not self._more_commands_queued():
+                    self._send_pending(node)
+                return True
+            self._send_pending(node)
+        self._idle_ae.pop(node, None)  # superseded: this one carries the commit index
+        self._pending_ae[node] = (dict(message, entries=list(entries)), size)
+        if not self._more_commands_queued():
+            self._send_pending(node)  # the tick's last command: no reason to wait
+        return True
+
+    def _more_commands_queued(self) -> bool:
+        """Will _checkCommandsToApply append more this tick? (Its FastQueue's deque; a
+        command queued from the loop right after this read just is not merged.)"""
+        owner = self._owner()
+        queue = getattr(owner, "_SyncObj__commandsQueue", None)
+        return bool(getattr(queue, "_FastQueue__queue", None))
+
+    def _send_pending(self, node: Any) -> None:
+        held = self._pending_ae.pop(node, None)
+        if held is not None:
+            self._release_forwarded(node, held[0])
+            super().send(node, held[0])
+
+    def send_pending_append_entries(self) -> None:
+        for node in list(self._pending_ae):
+            self._send_pending(node)
+
+    def _hold_idle_append_entries(self, node: Any, message: dict) -> bool:
+        """PATCH POINT 8 (syncobj.py SyncObj._onTick -> __applyLogEntries returns True with
+        ``appendEntriesUseBatch=False`` -> __sendAppendEntries): after every apply, the
+        leader sends each follower an AppendEntries without entries, only to carry the new
+        commit index, and each follower answers it. One write at a time, those four
+        messages (and the wake-ups of three processes) land exactly while the loop resolves
+        the write and submits the next one: the next command's AppendEntries carries the
+        same commit index a few hundred microseconds later. So an entry-less AppendEntries
+        (commit update or heartbeat) is held up to ``idle_ae_hold_s`` and dropped if an
+        AppendEntries with entries for the same node supersedes it (same leader, later
+        commit index, computed later in the same tick thread); otherwise it leaves at the
+        deadline (the poll wakes up for it). True if held (or superseded).
+
+        Nothing durable depends on it: it carries no entries, and what a follower acks is
+        still synced first (PATCH POINT 6). Heartbeats leave at most 1 ms late (election
+        timeouts are 400 ms and more). A follower waiting for the commit of a write it
+        forwarded (it answers its client once it applied ``log_idx``) is never made to
+        wait: a commit index reaching that write goes out at once."""
+        if "entries" not in message or "serialized" in message or "transmission" in message:
+            return False  # snapshot transfer: never held
+        if message["entries"]:
+            self._idle_ae.pop(node, None)  # superseded: this one carries the commit index
+            self._release_forwarded(node, message)
+            return False
+        if self._release_forwarded(node, message):
+            self._idle_ae.pop(node, None)
+            return False
+        if not self._idle_ae:
+            self._idle_ae_deadline = time.monotonic() + self.idle_ae_hold_s
+        self._idle_ae[node] = message  # the newest replaces an older held one
+        return True
+
+    def _release_forwarded(self, node: Any, message: dict) -> bool:
+        """True if this message lets ``node`` learn that a write it forwarded committed."""
+        waiting = self._forwarded.get(node)
+        if waiting is None or message.get("commit_index", 0) < waiting:
+            return False
+        del self._forwarded[node]
+        return True
+
+    def flush_idle_append_entries(self) -> None:
+        held, self._idle_ae = self._idle_ae, {}
+        for node, message in held.items():
+            super().send(node, message)
+
     def group_commit(self) -> None:
+        if self._pending_ae:  # replication first: it overlaps the leader's own msync
+            self.send_pending_append_entries()
         sync = getattr(self._journal, "sync", None)
         if sync is not None:
             sync()

@@ -123,6 +123,123 @@ def test_follower_ack_is_held_until_the_journal_is_synced(monkeypatch) -> None:
     assert [m["next_node_idx"] for m in sent[1:]] == [0, 1, 2]
 
 
+def test_entryless_append_entries_are_held_superseded_or_released(monkeypatch) -> None:
+    """PATCH POINT 8: a commit-update/heartbeat AppendEntries waits for the next one with
+    entries (then dropped), or for the deadline; one that lets a follower see its forwarded
+    write commit goes at once; entries and snapshot chunks are never held."""
+
+    class Journal:
+        def sync(self) -> bool:
+            return False
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        "pysyncobj.transport.TCPTransport.__init__", lambda self, *a: None, raising=True
+    )
+    monkeypatch.setattr(
+        "pysyncobj.transport.TCPTransport.send", lambda self, node, msg: sent.append((node, msg))
+    )
+    t = GroupCommitTransport(_FakeSyncObj(Journal()), None, [])
+    t.coalesce_ae = False  # PATCH POINT 9 is tested below
+
+    def ae(commit: int, entries: list | None = None) -> dict:
+        return {"type": "append_entries", "commit_index": commit, "entries": entries or []}
+
+    t.send("a", ae(5))
+    t.send("b", ae(5))
+    assert sent == []  # both held
+    t.send("a", ae(6))  # a newer one replaces the held one
+    t.send("a", ae(6, [(b"x", 7, 1)]))  # entries: sent, and supersedes a's held one
+    assert sent == [("a", ae(6, [(b"x", 7, 1)]))]
+    snap = {"type": "append_entries", "commit_index": 6, "serialized": None}
+    t.send("a", snap)
+    assert sent[-1] == ("a", snap)
+    t.flush_idle_append_entries()  # the deadline passed
+    assert sent[-1] == ("b", ae(5)) and len(sent) == 3
+    # b forwarded a write that got index 9: a commit index below 9 may wait, 9 goes at once.
+    t.send("b", {"type": "apply_command_response", "request_id": 1, "log_idx": 9})
+    t.send("b", ae(8))
+    assert sent[-1][1]["type"] == "apply_command_response"
+    t.send("b", ae(9))
+    assert sent[-1] == ("b", ae(9))
+    t.send("b", ae(10))  # nothing forwarded is waiting any more: held again
+    assert sent[-1] == ("b", ae(9))
+    t.idle_ae_hold_s = 0.0  # 0: pysyncobj's behaviour, nothing held
+    t.send("a", ae(11))
+    assert sent[-1] == ("a", ae(11))
+
+
+def test_append_entries_of_one_tick_are_merged_and_sent_before_the_sync(monkeypatch) -> None:
+    """PATCH POINT 9: consecutive AppendEntries to a node in one tick become one (entries in
+    order, newest commit index); a gap, a new term or another message type splits them;
+    all leave in group_commit before the leader's own msync."""
+    events: list[str] = []
+
+    class Journal:
+        def sync(self) -> bool:
+            events.append("sync")
+            return True
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        "pysyncobj.transport.TCPTransport.__init__", lambda self, *a: None, raising=True
+    )
+
+    def send(self, node, msg) -> None:
+        events.append(f"send {node}")
+        sent.append((node, msg))
+
+    monkeypatch.setattr("pysyncobj.transport.TCPTransport.send", send)
+    from pysyncobj.fast_queue import FastQueue
+
+    so = _FakeSyncObj(Journal())
+    t = GroupCommitTransport(so, None, [])
+    so._SyncObj__commandsQueue = queue = FastQueue(100)  # noqa: SLF001 - pysyncobj's name
+    queue.put_nowait((b"more", None))  # more commands this tick: keep merging
+
+    def ae(idx: int, commit: int, term: int = 1) -> dict:
+        return {
+            "type": "append_entries",
+            "term": term,
+            "commit_index": commit,
+            "entries": [(b"c%d" % idx, idx, term)],
+            "prevLogIdx": idx - 1,
+            "prevLogTerm": term,
+        }
+
+    for i in (10, 11, 12):
+        t.send("a", ae(i, commit=i - 2))
+        t.send("b", ae(i, commit=i - 2))
+    t.send("a", {"type": "append_entries", "term": 1, "commit_index": 11, "entries": []})
+    assert sent == []
+    t.group_commit()
+    assert events == ["send a", "send b", "sync"]
+    merged = dict(sent[0][1])
+    assert [e[1] for e in merged.pop("entries")] == [10, 11, 12]
+    assert merged == {
+        "type": "append_entries",
+        "term": 1,
+        "commit_index": 11,
+        "prevLogIdx": 9,
+        "prevLogTerm": 1,
+    }
+    assert sent[1][1]["commit_index"] == 10
+    sent.clear()
+    t.send("a", ae(13, 12))
+    t.send("a", ae(15, 12))  # not the continuation of 13: the first leaves as it was
+    assert [m["entries"][0][1] for _, m in sent] == [13]
+    t.send("a", {"type": "apply_command_response", "request_id": 1, "log_idx": 16})
+    assert [m["type"] for _, m in sent] == ["append_entries"] * 2 + ["apply_command_response"]
+    t.send("a", ae(16, 13, term=1))
+    t.send("a", ae(17, 13, term=2))  # new term: not merged
+    snap = {"type": "append_entries", "term": 2, "commit_index": 13, "serialized": None}
+    t.send("a", snap)  # a snapshot chunk: after what was kept, never merged
+    assert [m.get("entries", [(0, "s")])[0][1] for _, m in sent[3:]] == [16, 17, "s"]
+    queue.get_nowait()  # the tick's last command: its AppendEntries goes at once
+    t.send("b", ae(13, 12))
+    assert sent[-1] == ("b", ae(13, 12))
+
+
 async def test_store_ack_comes_after_the_sync(tmp_path: Path) -> None:
     """Single-node Store: the write's callback fires only after an msync covering it."""
     import socket
