@@ -462,25 +462,10 @@ class Manager:
             return web.json_response({"message": e.message}, status=e.status)
         return web.json_response({"ok": True})
 
-    async def rotate_ipsec_key(self) -> dict:
-        """Operator request: rotate the encrypted overlays' key now (make-before-break)."""
-        assert self.store is not None
-        result = await self.store.submit({"op": "ipsec_rotate"})
-        self._kick.set()
-        return result
-
     def ipsec_status(self) -> dict:
         """The key schedule without key material (``swarmnet swarm ipsec``)."""
         assert self.store is not None
         return self.store.read(lambda s: ipsec_status(s, self.ipsec.cfg))
-
-    async def configure_ipsec(self, settings: dict) -> dict:
-        """Rotation settings (interval, packet threshold, grace), validated by the state
-        machine; the leader's next pass uses them."""
-        assert self.store is not None
-        result = await self.store.submit({"op": "ipsec_config", **settings})
-        self._kick.set()
-        return result
 
     async def _h_status(self, request: web.Request) -> web.Response:
         assert self.store is not None

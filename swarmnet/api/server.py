@@ -423,10 +423,8 @@ class API:
     async def ipsec_rotate(self, request: web.Request) -> web.Response:
         """Rotate the key now (make-before-break; a no-op while a rotation runs)."""
         m = self._manager()
-        result = await m.rotate_ipsec_key()
-        if "error" in result:
-            e = result["error"]
-            raise CommandError(e.get("status", 500), e.get("field", ""), e.get("message", ""))
+        await self._submit({"op": "ipsec_rotate"})
+        m.kick()  # the leader's next pass starts it
         return web.json_response(m.ipsec_status())
 
     async def ipsec_config(self, request: web.Request) -> web.Response:
@@ -442,6 +440,7 @@ class API:
         if not body:
             raise CommandError(400, "body", f"give at least one of {fields}")
         await self._submit({"op": "ipsec_config", **body})
+        m.kick()
         return web.json_response(m.ipsec_status())
 
     async def metrics_json(self, request: web.Request) -> web.Response:

@@ -85,6 +85,19 @@ def parse_report(body: Any) -> tuple[dict, dict[int, int]]:
     return facts, counters
 
 
+def effective_config(defaults: RotationConfig | None, overrides: dict | None) -> RotationConfig:
+    """The defaults with the operator's settings from the store on top (they are validated
+    by the state machine, and again here: ESN is always on)."""
+    d, o = defaults or RotationConfig(), overrides or {}
+    cfg = RotationConfig(
+        interval_s=float(o.get("interval_s", d.interval_s)),
+        grace_s=float(o.get("grace_s", d.grace_s)),
+        threshold_packets=int(o.get("threshold_packets", d.threshold_packets)),
+    )
+    cfg.validate(esn=True)
+    return cfg
+
+
 class IpsecDriver:
     """The leader's pass over the key schedule (``step``), and node reports (``report``)."""
 
@@ -94,16 +107,7 @@ class IpsecDriver:
         self.counters: dict[str, dict[int, int]] = {}
 
     def config(self, overrides: dict | None = None) -> RotationConfig:
-        """The driver's defaults with the operator's settings from the store on top (they
-        are validated by the state machine, and again here: ESN is always on)."""
-        o = overrides or {}
-        cfg = RotationConfig(
-            interval_s=float(o.get("interval_s", self.cfg.interval_s)),
-            grace_s=float(o.get("grace_s", self.cfg.grace_s)),
-            threshold_packets=int(o.get("threshold_packets", self.cfg.threshold_packets)),
-        )
-        cfg.validate(esn=True)
-        return cfg
+        return effective_config(self.cfg, overrides)
 
     async def report(self, store, node_id: str, body: Any) -> None:
         facts, counters = parse_report(body)
@@ -199,7 +203,7 @@ def ipsec_status(s: ClusterState, defaults: RotationConfig | None = None) -> dic
     ks = sched.get("keyset") or {}
     parts = ipsec_participants(s) if s.cluster is not None else {}
     overrides = dict((s.cluster or {}).get("ipsec_config") or {})
-    cfg = IpsecDriver(defaults).config(overrides)
+    cfg = effective_config(defaults, overrides)
     return {
         "version": int(ks.get("version", 0)),
         "primary": ks.get("primary"),

@@ -83,14 +83,7 @@ class LabConfig:
             )
         if not 1280 <= self.mtu <= 9000:
             raise LabError(f"mtu must be between 1280 and 9000, not {self.mtu}")
-        try:
-            net = ipaddress.IPv4Network(self.cidr, strict=True)
-        except ValueError as e:
-            raise LabError(f"underlay cidr {self.cidr!r} is not an IPv4 network: {e}") from e
-        if net.overlaps(_FORBIDDEN_NET):
-            raise LabError(f"underlay cidr {self.cidr} overlaps 192.0.2.0/24, the machine's own")
-        if HOST_OFFSET + self.hosts >= net.num_addresses - 1:
-            raise LabError(f"underlay cidr {self.cidr} is too small for {self.hosts} hosts")
+        check_underlay(self.cidr, self.hosts)
 
     @property
     def prefixlen(self) -> int:
@@ -125,6 +118,20 @@ def load_topology(path: str | Path, base: LabConfig | None = None) -> LabConfig:
         if not isinstance(v, expected[k]) or isinstance(v, bool):
             raise LabError(f"{path}: {k} must be a {expected[k].__name__}, not {v!r}")
     return replace(cfg, **fields)  # type: ignore[arg-type]
+
+
+def check_underlay(cidr: str, hosts: int) -> ipaddress.IPv4Network:
+    """A lab underlay (netns and VM labs alike): an IPv4 network with room for ``hosts``,
+    never overlapping the build machine's own network (our traffic would leave it)."""
+    try:
+        net = ipaddress.IPv4Network(cidr, strict=True)
+    except ValueError as e:
+        raise LabError(f"underlay cidr {cidr!r} is not an IPv4 network: {e}") from e
+    if net.overlaps(_FORBIDDEN_NET):
+        raise LabError(f"underlay cidr {cidr} overlaps 192.0.2.0/24, the machine's own")
+    if HOST_OFFSET + hosts >= net.num_addresses - 1:
+        raise LabError(f"underlay cidr {cidr} is too small for {hosts} hosts")
+    return net
 
 
 def check_name(name: str) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarmnet.lab import vm_initramfs as build
-from swarmnet.lab.netns import HOST_OFFSET, LabError, check_name, kill_and_wait
+from swarmnet.lab.netns import HOST_OFFSET, LabError, check_name, check_underlay, kill_and_wait
 
 VM_ROOT = Path("/run/swarmnet/vmlab")
 NETNS_DIR = Path("/run/netns")
@@ -48,7 +48,6 @@ QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/bin/busybox")
 APT_PACKAGES = ("qemu-system-x86", "busybox-static")
 HOSTS_MAX = 16  # TCG guests on a 2-core machine: more would only measure the scheduler
-_FORBIDDEN_NET = ipaddress.ip_network("192.0.2.0/24")  # the build machine's own network
 
 
 class ToolsUnavailable(LabError):
@@ -69,14 +68,7 @@ class VmConfig:
             raise LabError(f"hosts must be between 1 and {HOSTS_MAX}, not {hosts}")
         if not 128 <= self.memory_mib <= 4096:
             raise LabError(f"memory must be between 128 and 4096 MiB, not {self.memory_mib}")
-        try:
-            net = ipaddress.IPv4Network(self.cidr, strict=True)
-        except ValueError as e:
-            raise LabError(f"underlay cidr {self.cidr!r} is not an IPv4 network: {e}") from e
-        if net.overlaps(_FORBIDDEN_NET):
-            raise LabError(f"underlay cidr {self.cidr} overlaps 192.0.2.0/24, the machine's own")
-        if HOST_OFFSET + hosts >= net.num_addresses - 1:
-            raise LabError(f"underlay cidr {self.cidr} is too small for {hosts} hosts")
+        check_underlay(self.cidr, hosts)
 
 
 # ---------------------------------------------------------------- names

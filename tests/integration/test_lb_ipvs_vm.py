@@ -40,25 +40,6 @@ EXTRA_PORT = 9090  # a second port on every backend: "all ports" must mean more 
 PER_PORT = 12
 GUEST_TIMEOUT_S = 900  # Python is ~15-20x slower under TCG, cold imports over 9p
 
-# One NEW connection per request to VIP:PORT; one line each: body or refused/timeout/error.
-CLIENT = r"""
-import socket, sys
-vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for _ in range(n):
-    try:
-        with socket.create_connection((vip, port), timeout=5) as s:
-            s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-        print(data.split(b"\r\n\r\n", 1)[1].decode().strip())
-    except ConnectionRefusedError:
-        print("refused")
-    except TimeoutError:
-        print("timeout")
-    except OSError as e:
-        print("error:" + type(e).__name__)
-"""
 
 # Opens a connection, says "open", waits for a line on stdin, then sends its request on
 # that SAME connection and prints the body (or what went wrong).
@@ -95,7 +76,7 @@ except TimeoutError:
 
 
 def _get(topo: shared.Topology, vip: str, port: int, n: int = PER_PORT) -> dict:
-    out = shared.nsx(topo.ns["cl"], sys.executable, "-c", CLIENT, vip, str(port), str(n))
+    out = shared.nsx(topo.ns["cl"], sys.executable, "-c", shared.CLIENT, vip, str(n), str(port))
     counts: dict[str, int] = {}
     for word in out.split():
         counts[word] = counts.get(word, 0) + 1

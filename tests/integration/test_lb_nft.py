@@ -36,9 +36,10 @@ READY_TIMEOUT_S = 60.0  # python start-up; ~20x slower in a TCG guest
 CLIENT = r"""
 import socket, sys
 vip, n = sys.argv[1], int(sys.argv[2])
+port = int(sys.argv[3]) if len(sys.argv) > 3 else 80
 for _ in range(n):
     try:
-        with socket.create_connection((vip, 80), timeout=5) as s:
+        with socket.create_connection((vip, port), timeout=5) as s:
             s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
             data = b""
             while chunk := s.recv(4096):

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_api_validation import expect_error
 
 from swarmnet.api.client import APIError
 from swarmnet.api.docker import parse_service_spec
 from swarmnet.cli import _service_body, build_parser, parse_publish
-from swarmnet.raft.state import ClusterState, CommandError
+from swarmnet.raft.state import ClusterState
 
 NOW = "2025-01-01T00:00:00.000000Z"
 P0 = "EndpointSpec.Ports[0]"
@@ -60,13 +61,7 @@ def spec_of(ports: list[Any] | None, ep_mode: str | None = None) -> dict:
     return parse_service_spec(body(ports, ep_mode), no_networks)
 
 
-def refused(fn, field: str, status: int = 400) -> CommandError:
-    with pytest.raises(CommandError) as info:
-        fn()
-    e = info.value
-    assert (e.field, e.status) == (field, status), (e.field, e.status, e.message)
-    assert e.message
-    return e
+refused = expect_error  # the API validation tests' check: field, status, a message
 
 
 # ------------------------------------------------------------------ parse_publish: shapes

@@ -191,6 +191,16 @@ class World:
         lb = self.lbs[sandbox_name("n1-", "t1")]
         return {dst.split(":")[0] for dst in lb.trace(self.ip("t1"), self.vip(), "tcp", 80)}
 
+    def forbid_worker_passes(self) -> Callable:
+        """From now on a worker pass fails the test; returns the real ``sync`` to restore."""
+        passes = self.worker.sync
+
+        async def no_pass() -> None:
+            raise AssertionError("a worker pass was needed")
+
+        self.worker.sync = no_pass  # type: ignore[method-assign]
+        return passes
+
     async def wait(self, what: str, check: Callable[[], bool]) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + TIMEOUT_S
@@ -235,12 +245,7 @@ async def test_gossip_changes_reach_dns_and_lb_without_a_worker_pass(world) -> N
     world.publish_t2_t4()
     await world.sync()
     assert world.backends() == {world.ip("t1"), world.ip("t2")}
-    passes = world.worker.sync
-
-    async def no_pass() -> None:
-        raise AssertionError("a worker pass was needed")
-
-    world.worker.sync = no_pass  # type: ignore[method-assign]
+    passes = world.forbid_worker_passes()
     # n2 removes t2 (its task exited or was removed): gone from DNS and the VIP.
     world.node.remote("front", "t2", 10, None)
     await world.wait("t2 to leave DNS", lambda: world.resolve("tasks.web") == (world.ip("t1"),))
@@ -425,12 +430,7 @@ async def test_our_own_exited_task_leaves_our_dns_and_lb_without_a_worker_pass(w
     world.publish_t2_t4()
     await world.sync()
     assert world.backends() == {world.ip("t1"), world.ip("t2")}
-    passes = world.worker.sync
-
-    async def no_pass() -> None:
-        raise AssertionError("a worker pass was needed")
-
-    world.worker.sync = no_pass  # type: ignore[method-assign]
+    passes = world.forbid_worker_passes()
     world.gossip.task_state("t3", "failed")  # db.1, dnsrr, on this node
     await world.wait("t3 to leave DNS", lambda: world.resolve("db") == (world.ip("t4"),))
     world.gossip.task_state("t3", "running")
